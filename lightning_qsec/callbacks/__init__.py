@@ -1,0 +1,7 @@
+"""Lightning callbacks: QAT, precision sweeps and the security report."""
+
+from lightning_qsec.callbacks.precision_sweep import PrecisionSweep
+from lightning_qsec.callbacks.qat import QuantizationAwareTraining
+from lightning_qsec.callbacks.security_report import SecurityReport
+
+__all__ = ["PrecisionSweep", "QuantizationAwareTraining", "SecurityReport"]

@@ -1,0 +1,63 @@
+"""The quantized model an evaluation hook measures: the module itself, or a PTQ twin."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_qsec.batch import BatchAdapter
+from lightning_qsec.quant.calibration import calibrate
+from lightning_qsec.quant.convert import quantize_model
+from lightning_qsec.quant.inspect import is_quantized
+
+__all__ = ["quantized_target", "calibration_loader"]
+
+
+def _single(loader: Any) -> Any:
+    loader = getattr(loader, "iterables", loader)
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()), None)
+    return loader
+
+
+def calibration_loader(trainer: pl.Trainer) -> Any:
+    """Training batches if the trainer or datamodule has them, else the current evaluation batches."""
+    if trainer.train_dataloader is not None:
+        return _single(trainer.train_dataloader)
+    datamodule = trainer.datamodule
+    if datamodule is not None:
+        try:
+            return _single(datamodule.train_dataloader())
+        except Exception:  # noqa: BLE001 - a datamodule without train data is allowed
+            pass
+    rank_zero_warn("No training data to calibrate the post-training quantized twin: calibrating on evaluation data.")
+    return _single(trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders)
+
+
+def quantized_target(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    calibrate_batches: int,
+    batch_adapter: BatchAdapter | None = None,
+) -> tuple[nn.Module, bool]:
+    """``(model, is_twin)``: the module if it is quantized, else a calibrated PTQ twin.
+
+    The twin is a copy quantized at w8a8 (bit widths are changed in place afterwards)
+    and calibrated on ``calibrate_batches`` training batches. It is the only copy any
+    hook makes, and only for a module that has never been quantized.
+    """
+    if is_quantized(pl_module):
+        return pl_module, False
+    with torch.inference_mode(False):
+        twin = copy.deepcopy(pl_module)
+        quantize_model(twin)
+        calibrate(twin, calibration_loader(trainer), calibrate_batches, batch_adapter=batch_adapter)
+    return twin.eval(), True

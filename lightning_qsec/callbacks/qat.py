@@ -1,0 +1,137 @@
+"""Quantization-aware training of an unchanged LightningModule, by adding one callback."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelPruning
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_qsec._validation import check_positive_int
+from lightning_qsec.batch import BatchAdapter
+from lightning_qsec.quant.calibration import calibrate
+from lightning_qsec.quant.config import QuantConfig
+from lightning_qsec.quant.convert import quantize_model
+from lightning_qsec.quant.inspect import stat_scalers
+from lightning_qsec.quant.statistics import load_statistics_state, statistics_state
+
+__all__ = ["QuantizationAwareTraining"]
+
+
+class QuantizationAwareTraining(pl.Callback):
+    """Brevitas QAT: swap the module's float layers for quantized ones in ``setup``.
+
+    The swap happens in ``setup()`` for every stage (fit, validate, test, predict), so
+    it precedes ``configure_optimizers`` (the new parameters are trained), checkpoint
+    restore (``fit(ckpt_path=...)`` and ``test(ckpt_path=...)`` load quantized weights)
+    and DDP wrapping. It is idempotent and ``forward`` is never wrapped. Weights start
+    from the module's float weights. With ``calibrate_batches > 0`` the activation
+    scales are calibrated on that many training batches before the first step (and
+    averaged over DDP ranks); with 0 Brevitas gathers them over the first training steps.
+
+    The configuration, the calibration flag and the exact activation-statistics state
+    live in ``state_dict()``, so a resumed run matches an uninterrupted one. Load a
+    checkpoint for inference with :func:`~lightning_qsec.quant.load_quantized_checkpoint`.
+
+    Place it before ``ModelPruning`` in ``callbacks`` so pruning sees the quantized layers.
+
+    Args:
+        weight_bit_width: weight bit width, 2..16.
+        act_bit_width: activation bit width, 2..16.
+        layer_bit_widths: module-name glob -> bit width overrides.
+        skip: module names or globs left in float.
+        quantize_input: quantize the input of the first conv/linear layer.
+        per_channel: per-output-channel weight scales.
+        calibrate_batches: training batches used to calibrate activation scales before
+            training (0 to let Brevitas collect statistics during the first steps).
+        batch_adapter: reads batches for calibration; default :func:`~lightning_qsec.read_batch`.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from lightning_qsec.callbacks import QuantizationAwareTraining
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(4, 4)])
+    """
+
+    def __init__(
+        self,
+        weight_bit_width: int = 8,
+        act_bit_width: int = 8,
+        *,
+        layer_bit_widths: Mapping[str, int] | None = None,
+        skip: Sequence[str] = (),
+        quantize_input: bool = True,
+        per_channel: bool = False,
+        calibrate_batches: int = 10,
+        batch_adapter: BatchAdapter | None = None,
+    ) -> None:
+        self.config = QuantConfig(
+            weight_bit_width=weight_bit_width,
+            act_bit_width=act_bit_width,
+            layer_bit_widths=layer_bit_widths or {},
+            skip=skip,
+            quantize_input=quantize_input,
+            per_channel=per_channel,
+        )
+        self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches", allow_zero=True)
+        self.batch_adapter = batch_adapter
+        self.calibrated = False
+        self._module: pl.LightningModule | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            weight_bit_width=self.config.weight_bit_width,
+            act_bit_width=self.config.act_bit_width,
+            layer_bit_widths=dict(self.config.layer_bit_widths),
+            per_channel=self.config.per_channel,
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks = list(trainer.callbacks)
+        mine = callbacks.index(self)
+        early = [type(c).__name__ for c in callbacks[:mine] if isinstance(c, ModelPruning)]
+        if early:
+            raise ValueError(
+                f"callbacks: {early} come before QuantizationAwareTraining and would prune the float "
+                "layers that QAT replaces; list QuantizationAwareTraining first"
+            )
+        quantize_model(pl_module, **self.config.to_dict())
+        self._module = pl_module
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.calibrated or self.calibrate_batches == 0:
+            return
+        loader = trainer.train_dataloader
+        loader = getattr(loader, "iterables", loader)
+        if isinstance(loader, Mapping) or isinstance(loader, (list, tuple)):
+            raise ValueError(
+                "calibrate_batches needs a single training dataloader; set calibrate_batches=0 "
+                "or call lightning_qsec.calibrate yourself before fit"
+            )
+        calibrate(pl_module, loader, self.calibrate_batches, batch_adapter=self.batch_adapter)
+        if trainer.world_size > 1:  # every rank saw other batches: agree on the mean scale
+            with torch.no_grad():
+                for _, scaler in stat_scalers(pl_module):
+                    scaler.value.copy_(trainer.strategy.reduce(scaler.value.detach().clone(), reduce_op="mean"))
+        self.calibrated = True
+        rank_zero_info(f"QuantizationAwareTraining: activation scales calibrated on {self.calibrate_batches} batches")
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"config": self.config.to_dict(), "calibrated": self.calibrated}
+        if self._module is not None:
+            state["statistics"] = statistics_state(self._module)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = QuantConfig.from_dict(state_dict["config"])
+        if saved != self.config:
+            raise ValueError(
+                f"checkpoint was trained with quantization settings {saved.to_dict()}, but this "
+                f"QuantizationAwareTraining has {self.config.to_dict()}; use the same settings to resume"
+            )
+        self.calibrated = bool(state_dict.get("calibrated", False))
+        if self._module is not None and "statistics" in state_dict:
+            load_statistics_state(self._module, state_dict["statistics"])

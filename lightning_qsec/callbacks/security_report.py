@@ -1,0 +1,125 @@
+"""The :class:`SecurityReport` callback: collects evaluation hooks' sections and writes them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_qsec.report.section import EvaluationHook, ReportSection
+from lightning_qsec.report.writer import write_report
+
+__all__ = ["SecurityReport"]
+
+Stage = Literal["fit", "test", "validate"]
+_STAGES: tuple[str, ...] = ("fit", "test", "validate")
+
+
+class SecurityReport(pl.Callback):
+    """Write a security report at the end of the configured trainer stages.
+
+    At the end of each stage in ``on``, every callback in ``trainer.callbacks`` that
+    satisfies :class:`~lightning_qsec.report.section.EvaluationHook` is asked for its
+    ``report_section()`` (``None`` results are skipped) and the sections are written
+    with :func:`~lightning_qsec.report.writer.write_report` on global rank zero
+    only. A later stage overwrites the previous report in the same ``dirpath``.
+
+    Hooks are queried during this callback's own ``on_fit_end`` / ``on_test_end`` /
+    ``on_validation_end``; a hook that computes its results in the same hook must
+    therefore come before ``SecurityReport`` in ``Trainer(callbacks=[...])``.
+
+    Args:
+        dirpath: output directory for ``report.json``, ``report.md`` and plots.
+        on: stages after which the report is written: ``"fit"``, ``"test"``
+            and/or ``"validate"`` (a standalone ``trainer.validate()``, not the
+            validation loops inside ``fit``).
+
+    Attributes:
+        dirpath: the output directory.
+        on: the configured stages.
+        last_report_path: path of the last written ``report.json`` (``None`` before
+            the first write and on non-zero ranks).
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[MyEvaluationHook(), SecurityReport("qsec_report")])
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str] = "qsec_report",
+        *,
+        on: Sequence[Stage] = ("fit", "test"),
+    ) -> None:
+        stages = (on,) if isinstance(on, str) else tuple(on)
+        for stage in stages:
+            if stage not in _STAGES:
+                raise ValueError(
+                    f"SecurityReport: unknown stage {stage!r} in `on`, expected one of {_STAGES}"
+                )
+        self.dirpath: Path = Path(dirpath)
+        self.on: tuple[str, ...] = stages
+        self.last_report_path: Path | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Unique per output directory, so several reports can share a trainer."""
+        return self._generate_state_key(dirpath=str(self.dirpath))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed state: the output directory."""
+        return {"dirpath": str(self.dirpath)}
+
+    def collect_sections(self, trainer: pl.Trainer) -> list[ReportSection]:
+        """Ask every evaluation hook among ``trainer.callbacks`` for its section.
+
+        Args:
+            trainer: the trainer.
+
+        Returns:
+            The non-``None`` sections, in callback order.
+        """
+        sections: list[ReportSection] = []
+        for callback in trainer.callbacks:
+            if callback is self or not isinstance(callback, EvaluationHook):
+                continue
+            section = callback.report_section()
+            if section is not None:
+                sections.append(section)
+        return sections
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Collect and write the report (global rank zero only)."""
+        if stage not in self.on or not trainer.is_global_zero:
+            return
+        metadata = {
+            "stage": stage,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "model": type(pl_module).__name__,
+        }
+        sections = self.collect_sections(trainer)
+        self.last_report_path = write_report(self.dirpath, sections, metadata=metadata)
+        rank_zero_info(f"Security report written to {self.last_report_path}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the report after ``trainer.fit`` if ``"fit"`` is in ``on``."""
+        self._write(trainer, pl_module, "fit")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the report after ``trainer.test`` if ``"test"`` is in ``on``."""
+        self._write(trainer, pl_module, "test")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the report after a standalone ``trainer.validate`` if ``"validate"`` is in ``on``.
+
+        Lightning has no ``on_validate_end``; this hook also runs inside ``fit``, where
+        it does nothing.
+        """
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self._write(trainer, pl_module, "validate")

@@ -1,0 +1,59 @@
+"""The quantization settings of a model, recorded in checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_qsec._validation import check_bit_width
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings that :func:`~lightning_qsec.quant.quantize_model` applies.
+
+    Attributes:
+        weight_bit_width: bit width of every weight quantizer (2..16).
+        act_bit_width: bit width of every activation and input quantizer (2..16).
+        layer_bit_widths: module-name glob -> bit width, overriding the defaults for
+            the matching layers (weights and inputs of conv/linear layers, outputs
+            of activations).
+        skip: module names or globs left in float.
+        quantize_input: quantize the input of the first conv/linear layer.
+        per_channel: per-output-channel weight scales instead of per-tensor.
+    """
+
+    weight_bit_width: int = 8
+    act_bit_width: int = 8
+    layer_bit_widths: Mapping[str, int] = field(default_factory=dict)
+    skip: Sequence[str] = ()
+    quantize_input: bool = True
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_bit_width", check_bit_width(self.weight_bit_width, "weight_bit_width"))
+        object.__setattr__(self, "act_bit_width", check_bit_width(self.act_bit_width, "act_bit_width"))
+        widths = {
+            str(glob): check_bit_width(bits, f"layer_bit_widths[{glob!r}]")
+            for glob, bits in dict(self.layer_bit_widths or {}).items()
+        }
+        object.__setattr__(self, "layer_bit_widths", widths)
+        if isinstance(self.skip, str):
+            raise ValueError(f"skip must be a sequence of module names or globs, got the string {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that ``torch.load(weights_only=True)`` reads back."""
+        out = asdict(self)
+        out["layer_bit_widths"] = dict(self.layer_bit_widths)
+        out["skip"] = list(self.skip)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown quantization settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)

@@ -1,0 +1,103 @@
+"""Render a report as GitHub-flavoured markdown (``report.md``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning_qsec.report.section import ReportSection, Table
+
+__all__ = ["format_cell", "render_markdown", "render_table"]
+
+REPORT_TITLE = "Quantization security report"
+
+
+def _escape(text: str) -> str:
+    """Make ``text`` safe inside a markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def format_cell(value: Any) -> str:
+    """Format one value for markdown.
+
+    Floats get 4 significant digits (``0.98765 -> 0.9877``, ``12345.6 -> 1.235e+04``);
+    integers are shown in full; ``None`` becomes an empty cell. Values are shown as
+    given: fractions are not turned into percentages.
+
+    Args:
+        value: a table cell or metadata value.
+
+    Returns:
+        The cell text (not yet escaped).
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (str, bool)):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if math.isnan(number):
+            return "nan"
+        if math.isinf(number):
+            return "inf" if number > 0 else "-inf"
+        return f"{number:.4g}"
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return format_cell(item())
+    return str(value)
+
+
+def render_table(table: Table) -> str:
+    """Render one :class:`Table` as a titled GitHub markdown table.
+
+    Args:
+        table: the table.
+
+    Returns:
+        Markdown text ending with a newline.
+    """
+    lines = [f"### {table.title}", ""]
+    columns = [_escape(str(column)) for column in table.columns]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join(" --- " for _ in columns) + "|")
+    for row in table.rows:
+        lines.append("| " + " | ".join(_escape(format_cell(cell)) for cell in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(report: Mapping[str, Any], sections: Sequence[ReportSection]) -> str:
+    """Render the whole report.
+
+    Args:
+        report: the document from :func:`~lightning_qsec.report.schema.build_report`
+            (its version, creation time and metadata are shown).
+        sections: the sections, in order; their titles, notes, tables and plots
+            (as image links to the PNG files next to ``report.md``) are rendered.
+
+    Returns:
+        The markdown text.
+    """
+    lines: list[str] = [f"# {REPORT_TITLE}", ""]
+    lines.append(f"- **lightning-qsec**: {report.get('lightning_qsec_version', 'unknown')}")
+    lines.append(f"- **schema version**: {report.get('schema_version', '')}")
+    lines.append(f"- **created**: {report.get('created', '')}")
+    for key, value in (report.get("metadata") or {}).items():
+        lines.append(f"- **{key}**: {format_cell(value)}")
+    lines.append("")
+    if not sections:
+        lines.extend(["_No evaluation hook reported any results._", ""])
+    for section in sections:
+        lines.extend([f"## {section.title}", ""])
+        if section.notes:
+            lines.extend(f"- {note}" for note in section.notes)
+            lines.append("")
+        for table in section.tables:
+            lines.append(render_table(table))
+        for plot in section.plots:
+            lines.extend([f"![{plot.title}]({plot.filename})", ""])
+        lines.extend([f"Raw results: `sections.{section.name}` in `report.json`.", ""])
+    return "\n".join(lines).rstrip("\n") + "\n"
