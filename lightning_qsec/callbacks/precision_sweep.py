@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -89,6 +92,7 @@ class PrecisionSweep(pl.Callback):
         self._is_twin = False
         self._metrics: dict[str, nn.Module] = {}
         self._samples: list[tuple[Tensor, Tensor]] = []
+        self._swept_in_stage = False
 
     @property
     def state_key(self) -> str:
@@ -174,33 +178,33 @@ class PrecisionSweep(pl.Callback):
             pl_module.log(name, value, sync_dist=False, rank_zero_only=False)
         self.results[stage] = result
         self.history.append(result)
+        self._swept_in_stage = True
         self._target, self._metrics, self._samples = None, {}, []
 
     def _measure_onnx(self) -> dict[str, Any]:
-        from lightning_qsec.quant.export import compare_deployed  # optional extra
+        from lightning_qsec.quant.export import compare_deployed, export_onnx  # the [export] extra
 
         assert self._target is not None
         x = torch.cat([s[0] for s in self._samples])
         y = torch.cat([s[1] for s in self._samples])
-        out: dict[str, Any] = {"samples": int(len(x)), "precisions": {}}
-        with torch.inference_mode(False):
-            import tempfile
-            from pathlib import Path
-
-            with tempfile.TemporaryDirectory() as tmp:
-                for p in self.precisions:
-                    with at_precision(self._target, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width):
-                        out["precisions"][p.label] = {
-                            level: compare_deployed(
-                                self._target, Path(tmp) / f"{p.label}.onnx", x.clone(), y.clone(), graph_optimization=level
-                            )
-                            for level in ("disabled", "all")
-                        }
+        device = next(self._target.parameters()).device
+        out: dict[str, Any] = {"samples": int(len(x)), "format": "qcdq", "precisions": {}}
+        with torch.inference_mode(False), tempfile.TemporaryDirectory() as tmp:
+            for p in self.precisions:
+                path = Path(tmp) / f"{p.label}.onnx"
+                with at_precision(self._target, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width):
+                    export_onnx(self._target, path, example_input=x[:2].clone().to(device), format="qcdq")
+                    out["precisions"][p.label] = {
+                        level: compare_deployed(self._target, path, x.clone(), y.clone(), graph_optimization=level)
+                        for level in ("disabled", "all")
+                    }
         return out
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._start(trainer, pl_module)
 
@@ -214,6 +218,17 @@ class PrecisionSweep(pl.Callback):
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._swept_in_stage = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))
+        if stage in ("test", "validate") and not self._swept_in_stage:
+            raise ValueError(
+                f"PrecisionSweep measured nothing in trainer.{stage}(): the {stage} dataloader is empty "
+                "(Lightning skips evaluation loops without batches)"
+            )
 
     def on_test_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -255,7 +270,7 @@ class PrecisionSweep(pl.Callback):
                 for label, levels in r["onnx"]["precisions"].items():
                     for level, m in levels.items():
                         onnx_rows.append([label, level, m.get("simulation_accuracy"), m.get("runtime_accuracy"),
-                                          m.get("flipped_fraction"), m.get("max_abs_logit_diff")])
+                                          m.get("prediction_flip_rate"), m.get("max_abs_logit_diff")])
                 tables.append(Table(
                     title=f"{stage}: Brevitas simulation vs onnxruntime ({r['onnx']['samples']} samples)",
                     columns=["precision", "graph optimization", "simulation acc", "onnxruntime acc",

@@ -82,15 +82,14 @@ class QuantizationAwareTraining(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            weight_bit_width=self.config.weight_bit_width,
-            act_bit_width=self.config.act_bit_width,
-            layer_bit_widths=dict(self.config.layer_bit_widths),
-            per_channel=self.config.per_channel,
-        )
+        # One QAT callback per Trainer; a fixed key lets a resume with other settings be refused.
+        return "QuantizationAwareTraining"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         callbacks = list(trainer.callbacks)
+        others = [c for c in callbacks if isinstance(c, QuantizationAwareTraining) and c is not self]
+        if others:
+            raise ValueError("callbacks: use one QuantizationAwareTraining per Trainer")
         mine = callbacks.index(self)
         early = [type(c).__name__ for c in callbacks[:mine] if isinstance(c, ModelPruning)]
         if early:

@@ -4,10 +4,14 @@ from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.checkpoint import load_quantized_checkpoint, safe_load
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
+from lightning_qsec.quant.export import OnnxRuntimeModel, compare_deployed, export_onnx
 from lightning_qsec.quant.inspect import is_quantized
 from lightning_qsec.quant.precision import at_precision, bit_widths, float_mode
 
 __all__ = [
+    "OnnxRuntimeModel",
+    "compare_deployed",
+    "export_onnx",
     "QuantConfig",
     "at_precision",
     "bit_widths",

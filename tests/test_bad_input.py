@@ -1,0 +1,104 @@
+"""Bad input gets a clear error naming the argument and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import UserCNN, quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_qsec import at_precision, calibrate, quantize_model, read_batch
+from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining
+
+
+def _net():
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("bits", [0, 17, 4.5, "four", True])
+def test_bad_bit_widths(bits):
+    with pytest.raises(ValueError, match=r"weight_bit_width must be an integer from 2 to 16"):
+        quantize_model(_net(), weight_bit_width=bits)
+    with pytest.raises(ValueError, match=r"act_bit_width must be an integer from 2 to 16"):
+        QuantizationAwareTraining(weight_bit_width=4, act_bit_width=bits)
+    with pytest.raises(ValueError, match=r"weight_bit_width must be an integer from 2 to 16"):
+        with at_precision(quantize_model(_net()), weight_bit_width=bits):
+            pass
+    with pytest.raises(ValueError, match=r"bit_widths .*2\.\.16|bit_widths.*integer from 2 to 16"):
+        PrecisionSweep(bit_widths=[8, bits])
+    with pytest.raises(ValueError, match=r"layer_bit_widths\['0'\] must be an integer from 2 to 16"):
+        quantize_model(_net(), layer_bit_widths={"0": bits})
+
+
+def test_bad_precision_string():
+    with pytest.raises(ValueError, match=r"'w4x8' is not a precision: use an int bit width 2\.\.16"):
+        PrecisionSweep(bit_widths=["w4x8"])
+
+
+def test_unknown_glob_names_the_layers():
+    with pytest.raises(ValueError, match=r"layer_bit_widths entry 'conv\*' matches no quantizable module; quantizable modules are \['0', '1', '2'\]"):
+        quantize_model(_net(), layer_bit_widths={"conv*": 4})
+    with pytest.raises(ValueError, match=r"skip entry 'head' matches no quantizable module"):
+        quantize_model(_net(), skip=["head"])
+
+
+def test_model_without_quantizable_layers():
+    with pytest.raises(ValueError, match=r"model has no quantizable layers: quantize_model swaps \['Conv1d', 'Conv2d', 'Linear'\]"):
+        quantize_model(nn.Sequential(nn.ReLU(), nn.Dropout()))
+    with pytest.raises(ValueError, match="found none outside skip"):
+        quantize_model(_net(), skip=["0", "2"])
+
+
+@pytest.mark.parametrize(
+    "batch, fragment",
+    [
+        ({"pixels": torch.zeros(2, 64)}, r"dict\{'pixels': Tensor\(shape=\(2, 64\)"),
+        ((torch.zeros(2, 64),), r"tuple\[Tensor\(shape=\(2, 64\).*length 1"),
+        ("not a batch", r"str: not a tuple, list or dict"),
+        ((torch.zeros(2, 64), torch.zeros(2)), r"targets must be a 1-D integer tensor"),
+        ((torch.zeros(3, 64), torch.zeros(2, dtype=torch.long)), r"inputs have 3 rows but targets 2"),
+    ],
+)
+def test_unreadable_batches(batch, fragment):
+    with pytest.raises(ValueError, match=r"Cannot read batch of .*" + fragment):
+        read_batch(batch)
+
+
+def test_unreadable_batch_in_a_callback():
+    data = [{"pixels": torch.zeros(4, 1, 8, 8)}]
+    with pytest.raises(ValueError, match=r"Cannot read batch of dict\{'pixels'"):
+        calibrate(quantize_model(UserCNN()), data)
+
+
+def test_empty_dataloader():
+    empty = DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        calibrate(quantize_model(_net()), empty)
+    module = UserCNN()
+    empty_images = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(8, 8), PrecisionSweep([8])])
+    with pytest.raises(ValueError, match=r"PrecisionSweep measured nothing in trainer.test\(\): the test dataloader is empty"):
+        trainer.test(module, dataloaders=empty_images, verbose=False)
+
+
+def test_nan_inputs_in_calibration():
+    x = torch.randn(16, 64)
+    x[5, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration inputs contain NaN \(batch 1 of dataloader\)"):
+        calibrate(quantize_model(_net()), [(torch.randn(16, 64), torch.zeros(16, dtype=torch.long)), (x, torch.zeros(16, dtype=torch.long))])
+
+
+def test_at_precision_on_a_float_model():
+    with pytest.raises(ValueError, match=r"model has no quantized layers; call lightning_qsec.quantize_model"):
+        with at_precision(_net(), weight_bit_width=4):
+            pass
+
+
+def test_num_batches_and_intervals():
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1"):
+        calibrate(quantize_model(_net()), [], num_batches=0)
+    with pytest.raises(ValueError, match="every_n_epochs must be an integer >= 1"):
+        PrecisionSweep(every_n_epochs=0)
+    with pytest.raises(ValueError, match="calibrate_batches must be an integer >= 0"):
+        QuantizationAwareTraining(calibrate_batches=-1)

@@ -1,0 +1,174 @@
+"""QuantizationAwareTraining on a plain user-written LightningModule and real digits data."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from brevitas.nn import QuantConv2d, QuantLinear
+from conftest import UserCNN, quiet_trainer
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelPruning, StochasticWeightAveraging
+
+from lightning_qsec import at_precision, bit_widths, float_mode, is_quantized, load_quantized_checkpoint
+from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining
+from lightning_qsec.data import DigitsDataModule
+from lightning_qsec.quant.inspect import stat_scalers
+
+
+def _fit(module, callbacks, *, epochs, dm=None, ckpt_path=None, **trainer_kwargs):
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, datamodule=dm or DigitsDataModule(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _test_acc(module, trainer_callbacks=()) -> float:
+    trainer = quiet_trainer(callbacks=list(trainer_callbacks))
+    return trainer.test(module, datamodule=DigitsDataModule(), verbose=False)[0]["test_acc"]
+
+
+@pytest.fixture(scope="module")
+def qat_w4a4_and_float():
+    """UserCNN trained 10 epochs with QAT w4a4, and the same module trained in float."""
+    pl.seed_everything(0, verbose=False)
+    qat = UserCNN()
+    sweep = PrecisionSweep([8, 4])
+    _fit(qat, [QuantizationAwareTraining(4, 4), sweep], epochs=10)
+    pl.seed_everything(0, verbose=False)
+    ref = UserCNN()
+    _fit(ref, [], epochs=10)
+    return qat, ref, sweep
+
+
+def test_qat_w4a4_accuracy_and_w8a8_close_to_float(qat_w4a4_and_float):
+    qat, ref, _ = qat_w4a4_and_float
+    assert isinstance(qat.conv1, QuantConv2d) and isinstance(qat.fc2, QuantLinear)
+    w4a4 = _test_acc(qat)
+    assert w4a4 >= 0.95, w4a4
+    with at_precision(qat, weight_bit_width=8, act_bit_width=8):
+        w8a8 = _test_acc(qat)
+    float_acc = _test_acc(ref)
+    # QAT must not cost more than 1 point at w8a8; being better than float is allowed.
+    assert w8a8 >= float_acc - 0.01, (w8a8, float_acc)
+
+
+def test_sweep_logged_and_kept(qat_w4a4_and_float):
+    _, _, sweep = qat_w4a4_and_float
+    result = sweep.results["validate"]
+    assert result["epoch"] == 9 and not result["ptq_twin"]
+    assert set(result["precisions"]) == {"w8a8", "w4a4"}
+    for v in result["precisions"].values():
+        assert 0.0 <= v["disagreement"] <= 1.0
+        assert v["drop"] == pytest.approx(result["float"]["accuracy"] - v["accuracy"])
+    assert len(sweep.history) == 10
+
+
+def test_swap_in_setup_reaches_the_optimizer():
+    pl.seed_everything(0, verbose=False)
+    module = UserCNN()
+    trainer = _fit(module, [QuantizationAwareTraining(4, 4)], epochs=1)
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in module.parameters())
+    scales = [s.value for _, s in stat_scalers(module)]
+    assert scales and all(id(v) in optimized for v in scales)
+
+
+def _weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("calibrate_batches", [0, 10])
+def test_resume_is_exact(tmp_path, calibrate_batches):
+    """Stop at epoch 2 of 4 and resume; with calibrate_batches=0 the run crosses Brevitas' step 300."""
+
+    def dm():
+        return DigitsDataModule(batch_size=16)  # 73 steps an epoch: 292 before the stop, 584 in all
+
+    def run(epochs, ckpt_path=None, save=False):
+        pl.seed_everything(0, verbose=False)
+        module = UserCNN()
+        callbacks = [QuantizationAwareTraining(4, 4, calibrate_batches=calibrate_batches)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+        _fit(module, callbacks, epochs=epochs, dm=dm(), ckpt_path=ckpt_path, enable_checkpointing=save)
+        return module
+
+    full = _weights(run(4))
+    run(2, save=True)
+    resumed = _weights(run(4, ckpt_path=tmp_path / "last.ckpt"))
+    assert full.keys() == resumed.keys()
+    diff = max((full[k].float() - resumed[k].float()).abs().max().item() for k in full)
+    assert diff <= 1e-6
+
+
+def test_test_ckpt_path_and_inference_loading(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = UserCNN()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _fit(module, [QuantizationAwareTraining(4, 4), ckpt], epochs=3, enable_checkpointing=True)
+    expected = _test_acc(module)
+
+    fresh = UserCNN()  # float: the callback swaps it in setup(stage="test") before the restore
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(4, 4)])
+    got = trainer.test(fresh, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert got[0]["test_acc"] == pytest.approx(expected)
+
+    loaded = load_quantized_checkpoint(UserCNN(), tmp_path / "last.ckpt")
+    assert is_quantized(loaded) and not loaded.training
+    assert bit_widths(loaded) == bit_widths(module)
+    assert _test_acc(loaded) == pytest.approx(expected)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    _fit(UserCNN(), [QuantizationAwareTraining(4, 4), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+         epochs=1, enable_checkpointing=True)
+    with pytest.raises((ValueError, RuntimeError)):
+        _fit(UserCNN(), [QuantizationAwareTraining(4, 4, per_channel=True)], epochs=2,
+             ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_combines_with_model_pruning():
+    pl.seed_everything(0, verbose=False)
+    module = UserCNN()
+    pruning = ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+    _fit(module, [QuantizationAwareTraining(8, 8), pruning], epochs=2)
+    assert isinstance(module.fc1, QuantLinear)
+    assert (module.fc1.weight == 0).float().mean().item() >= 0.3  # the quantized layer was pruned
+    with torch.no_grad():
+        quant_w = module.fc1.quant_weight().value
+    assert (quant_w == 0).float().mean().item() >= 0.3  # and the zeros reach the quantized weights
+    assert _test_acc(module) > 0.5  # trains with pruning applied every epoch (chance: 0.1)
+
+
+def test_pruning_listed_first_is_refused():
+    pruning = ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+    with pytest.raises(ValueError, match="list QuantizationAwareTraining first"):
+        _fit(UserCNN(), [pruning, QuantizationAwareTraining(8, 8)], epochs=1)
+
+
+def test_combines_with_stochastic_weight_averaging():
+    pl.seed_everything(0, verbose=False)
+    module = UserCNN()
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=2)
+    _fit(module, [QuantizationAwareTraining(4, 4), swa], epochs=4)
+    assert is_quantized(module) and is_quantized(swa._average_model)
+    avg = dict(swa._average_model.named_parameters())
+    assert all(torch.equal(p, avg[n]) for n, p in module.named_parameters())  # SWA weights were copied in
+    assert _test_acc(module) > 0.7  # averaged quantized weights still classify (chance: 0.1)
+
+
+def test_validation_does_not_consume_activation_statistics():
+    """During Brevitas' collection phase, only training steps may advance the counters."""
+    pl.seed_everything(0, verbose=False)
+    module = UserCNN()
+    trainer = _fit(module, [QuantizationAwareTraining(4, 4, calibrate_batches=0), PrecisionSweep([8, 4, 2])],
+                   epochs=2, num_sanity_val_steps=2)
+    counters = {s.counter for _, s in stat_scalers(module)}
+    assert counters == {trainer.global_step}
+
+
+def test_float_mode_inside_trained_module(qat_w4a4_and_float):
+    qat, _, sweep = qat_w4a4_and_float
+    with float_mode(qat):
+        acc = _test_acc(qat)
+    assert acc == pytest.approx(sweep.results["validate"]["float"]["accuracy"], abs=0.1)
