@@ -30,42 +30,48 @@ time alone, ``(eval+sweep - eval) / eval``, whose floor is below B+1.
 
 Peak memory. ``tracemalloc`` cannot see torch's allocations, and a process-wide peak
 RSS is dominated by the libraries and the data (hundreds of MiB of torch, Lightning,
-Brevitas, MNIST), so a ratio of whole-process peaks is ~1.0 whatever the sweep does
-(it is printed, as context). Instead each measurement runs in its own fresh
-subprocess (``--mem-repeats`` per variant and allocator, variants interleaved) that
-loads the data and the same trained weights, runs one forward pass (torch's and
-Brevitas' one-off first-call allocations), then resets the kernel's RSS high-water
-mark (writes ``5`` to ``/proc/self/clear_refs``), records RSS, runs the one evaluation
-(its first ``--mem-batches`` batches, default 4 of 256 images: the working set of a
-batch is the same for every batch and nothing accumulates per batch, so the peak is
-reached in the first batches; ``--mem-batches 0`` runs them all) and reads
-``VmHWM``. The *peak growth* ``VmHWM - RSS before`` is the memory the
-evaluation itself needed: batches, activations, Lightning's evaluation bookkeeping
-and, with the sweep, its metrics and all its extra forward passes.
+Brevitas), so a ratio of whole-process peaks is ~1.0 whatever the sweep does (it is
+printed, as context). Instead each measurement runs in its own fresh process, forked
+from a fork server that has only imported torch, Lightning and Brevitas (so a process
+costs a second, not an import). It loads the trained weights and the evaluation
+split (saved by the parent as tensors), runs one forward pass (torch's and Brevitas'
+one-off first-call allocations), resets the kernel's RSS high-water mark (writes
+``5`` to ``/proc/self/clear_refs``), records RSS, runs the one evaluation and reads
+``VmHWM``. The evaluation is cut to its first ``--mem-batches`` batches (default 4 of
+256 images; ``0``: all): every batch has the same working set and nothing
+accumulates per batch, so the peak is reached in the first batches. The *peak
+growth* ``VmHWM - RSS before`` is the memory the evaluation itself needed: batches,
+activations, Lightning's evaluation bookkeeping and, with the sweep, its metrics and
+all its extra forward passes.
 
-The target (``eval+sweep / eval <= 1.1``) is judged with the children run under
-``MALLOC_MMAP_THRESHOLD_=65536`` ("mmap malloc"): every allocation of 64 KiB or more
-(every activation tensor) is then its own mapping, unmapped when freed, so RSS
-follows the live tensors and the peak is reproducible to ~1 MiB. With glibc's default
-("default malloc", printed as context) the mmap threshold adapts upwards after
-frees, freed activations of a few MiB stay in the heap, and the peak also measures
-heap fragmentation; it varies by tens of MiB from process to process and is what a
-user's process would show. Where ``clear_refs`` is unavailable (not Linux), the
-growth of ``getrusage().ru_maxrss`` is used, which is only a lower bound.
+The target (``eval+sweep / eval <= 1.1``) is judged on ``--mem-repeats`` pairs of such
+processes (variants interleaved; median of the paired ratios) that first call glibc's
+``mallopt(M_MMAP_THRESHOLD, 65536)`` ("mmap malloc", what ``MALLOC_MMAP_THRESHOLD_=65536``
+does): every allocation of 64 KiB or more, i.e. every activation tensor, is then its
+own mapping, unmapped when freed, so RSS follows the live tensors and the peak is
+reproducible to about 1 MiB; only whether one more activation tensor is alive at the
+peak moment varies from process to process (hence the repeats). With glibc's default
+allocator ("default malloc", one pair, printed as context) the mmap threshold adapts
+upwards after frees, freed activations of a few MiB stay in the heap, and the peak
+also measures heap fragmentation: it varies by tens of MiB from process to process,
+and is what a user's process would show. Where ``clear_refs`` is unavailable, the
+growth of ``getrusage().ru_maxrss`` is used (a lower bound); without glibc's
+``mallopt`` the "mmap" rows use the default allocator and the script says so.
 
-Run: ``.venv/bin/python benchmarks/sweep_cost.py [--epochs 1] [--repeats 3]``.
+Run: ``.venv/bin/python benchmarks/sweep_cost.py [--epochs 1] [--repeats 3]``
+(``--threads`` torch threads, default 1: steadier on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
+import gc
 import logging
+import multiprocessing
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -75,7 +81,7 @@ os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_qsec import calibrate, quantize_model  # noqa: E402
 from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining  # noqa: E402
@@ -158,7 +164,7 @@ class Clock(pl.Callback):
 
 def evaluate(
     module: pl.LightningModule,
-    dm: pl.LightningDataModule,
+    data: pl.LightningDataModule | DataLoader[Any],
     variant: str,
     bits: list[int],
     stage: str,
@@ -173,7 +179,10 @@ def evaluate(
     limit = {} if max_batches is None else {"limit_test_batches": max_batches, "limit_val_batches": max_batches}
     t = trainer(callbacks=callbacks, **limit)
     run = t.test if stage == "test" else t.validate
-    run(module, datamodule=dm, verbose=False)
+    if isinstance(data, pl.LightningDataModule):
+        run(module, datamodule=data, verbose=False)
+    else:
+        run(module, dataloaders=data, verbose=False)
     return record, sweep
 
 
@@ -193,11 +202,19 @@ def train(dm: pl.LightningDataModule, dataset: str, epochs: int) -> Classificati
     return module.eval()
 
 
-def load(dataset: str, weights: str) -> ClassificationModule:
-    module = make_module(dataset)
+def save_payload(module: ClassificationModule, dataset: str, split: TensorDataset, path: str) -> None:
+    """What a memory child needs: the trained weights and the evaluation split (no data loading there)."""
+    x, y = split.tensors
+    torch.save({"dataset": dataset, "state_dict": module.state_dict(), "x": x, "y": y}, path)
+
+
+def load_payload(path: str, batch_size: int) -> tuple[ClassificationModule, DataLoader[Any]]:
+    payload = torch.load(path, weights_only=True)
+    module = make_module(payload["dataset"])
     quantize_model(module, weight_bit_width=8, act_bit_width=8)
-    module.load_state_dict(torch.load(weights, weights_only=True))
-    return module.eval()
+    module.load_state_dict(payload["state_dict"])
+    loader = DataLoader(TensorDataset(payload["x"], payload["y"]), batch_size=batch_size)
+    return module.eval(), loader
 
 
 # --------------------------------------------------------------------------- memory child
@@ -209,53 +226,67 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def memory_child(args: argparse.Namespace) -> None:
-    """Runs in a fresh process: one evaluation, prints its peak memory as JSON."""
-    import gc
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
-    torch.set_num_threads(args.threads)
-    quiet()
-    dm, dataset = make_data(args.batch_size)
-    module = load(dataset, args.weights)
-    with torch.inference_mode():  # pay torch's and Brevitas' first-forward costs before the reset
-        module(next(iter(dm.test_dataloader()))[0])
-    gc.collect()
+
+def force_mmap(threshold: int = 65536) -> bool:
+    """glibc: allocations >= ``threshold`` bytes get their own mapping (no dynamic threshold)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before, method = _status_kib("VmRSS"), "VmHWM"
-    except OSError:
-        before, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-    evaluate(module, dm, args.memory_child, args.bits, args.stage, max_batches=args.mem_batches or None)
-    peak = _status_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # whole life of the process
-    print(json.dumps({"before_kib": before, "peak_kib": peak, "process_peak_kib": process_peak, "method": method}))
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
-ALLOCATORS = {
-    # every allocation of 64 KiB or more is its own mapping, unmapped when freed: RSS follows live tensors
-    "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"},
-    # glibc's default: freed memory may stay in the heap, so RSS also shows its retention policy
-    "default": {},
-}
+def memory_child(conn: Any, variant: str, payload: str, mmap: bool, options: dict[str, Any]) -> None:
+    """Runs in a fresh forked process: one evaluation; sends its peak memory back."""
+    try:
+        mmap = force_mmap() if mmap else False
+        torch.set_num_threads(options["threads"])
+        quiet()
+        module, loader = load_payload(payload, options["batch_size"])
+        with torch.inference_mode():  # pay torch's and Brevitas' first-forward costs before the reset
+            module(next(iter(loader))[0])
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            before, method = _status_kib("VmRSS"), "VmHWM"
+        except OSError:
+            before, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+        evaluate(module, loader, variant, options["bits"], options["stage"], max_batches=options["mem_batches"] or None)
+        peak = _status_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # whole life of the process
+        conn.send({"before_kib": before, "peak_kib": peak, "process_peak_kib": process_peak, "method": method, "mmap": mmap})
+    except BaseException as err:  # noqa: BLE001 - reported by the parent
+        conn.send({"error": repr(err)})
+    finally:
+        conn.close()
 
 
-def measure_memory(args: argparse.Namespace, weights: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``out[allocator][variant]``: one record per fresh subprocess, variants interleaved."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {a: {v: [] for v in VARIANTS} for a in ALLOCATORS}
-    for r in range(args.mem_repeats):
-        for allocator, env in ALLOCATORS.items():
-            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-                cmd = [
-                    sys.executable, os.path.abspath(__file__), "--memory-child", variant, "--weights", weights,
-                    "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--stage", args.stage,
-                    "--bits", *map(str, args.bits), "--mem-batches", str(args.mem_batches),
-                ]
-                child_env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=child_env)
-                if done.returncode != 0:
-                    raise SystemExit(f"memory child failed:\n{done.stderr[-3000:]}")
-                out[allocator][variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+def measure_memory(args: argparse.Namespace, payload: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``out[allocator][variant]``: one record per fresh process, variants interleaved.
+
+    ``--mem-repeats`` pairs with the mmap allocator (judged), one pair with glibc's default
+    (context). Processes come from a fork server that has imported torch, Lightning and
+    Brevitas once and done nothing else, so each starts clean and quickly.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    # (preloading "__main__" itself does not work in Python <= 3.12: name the heavy imports)
+    ctx.set_forkserver_preload(["torch", "pytorch_lightning", "brevitas", "torchmetrics", "lightning_qsec.callbacks"])
+    options = {k: getattr(args, k) for k in ("threads", "batch_size", "bits", "stage", "mem_batches")}
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {a: {v: [] for v in VARIANTS} for a in ("mmap", "default")}
+    plan = [("mmap", r) for r in range(args.mem_repeats)] + [("default", 0)]
+    for allocator, r in plan:
+        for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            receive, send = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=memory_child, args=(send, variant, payload, allocator == "mmap", options))
+            child.start()
+            send.close()
+            result = receive.recv()
+            child.join()
+            if "error" in result:
+                raise SystemExit(f"memory measurement failed in its process: {result['error']}")
+            out[allocator][variant].append(result)
     return out
 
 
@@ -268,18 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1, help="QAT epochs before evaluating (0: calibrate only)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed evaluations of each variant")
-    parser.add_argument("--mem-repeats", type=int, default=1, help="fresh subprocesses per variant for memory")
+    parser.add_argument("--mem-repeats", type=int, default=3, help="fresh processes per variant (mmap malloc)")
     parser.add_argument("--mem-batches", type=int, default=4, help="batches per memory measurement (0: all)")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4, 2], help="precisions of the sweep")
     parser.add_argument("--stage", choices=("test", "validate"), default="test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_child:
-        memory_child(args)
-        return 0
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -309,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
 
     timed = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "module.pt")
-        torch.save(module.state_dict(), weights)
-        memory = measure_memory(args, weights)
+        payload = os.path.join(tmp, "payload.pt")
+        save_payload(module, dataset, split, payload)
+        memory = measure_memory(args, payload)
 
     def growth(allocator: str, variant: str) -> list[float]:
         return [(m["peak_kib"] - m["before_kib"]) / 1024 for m in memory[allocator][variant]]
@@ -350,10 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     method = memory["mmap"]["eval"][0]["method"]
     batches = "all" if not args.mem_batches else f"{args.mem_batches}"
     print(
-        f"(time: median of {args.repeats} interleaved pairs in this process; memory: {args.mem_repeats} fresh "
-        f"subprocess(es) per variant and allocator, {batches} batches, peak from {method})"
+        f"(time: median of {args.repeats} interleaved pairs in this process; memory: fresh processes, "
+        f"{args.mem_repeats} pair(s) mmap malloc + 1 pair default malloc, {batches} batches, peak from {method})"
     )
-    print(f"(wall time: {timed - started:.0f} s setup+timing, {time.perf_counter() - timed:.0f} s memory subprocesses)")
+    if not all(m["mmap"] for v in VARIANTS for m in memory["mmap"][v]):
+        print("NOTE: mallopt(M_MMAP_THRESHOLD) is unavailable here: the 'mmap malloc' rows used the default allocator")
+    print(f"(wall time: {timed - started:.0f} s setup+timing, {time.perf_counter() - timed:.0f} s memory processes)")
     return 0
 
 

@@ -3,11 +3,14 @@
 Lightning's ``ddp`` launcher re-executes ``sys.argv`` for ranks 1..N-1, so this must be a
 script, never code inside pytest's process. ``tests/test_ddp.py`` runs it in a subprocess.
 
-    python tests/ddp_fit.py --devices 2 --out results.json --epochs 3 --seed 0
+    python tests/ddp_fit.py --devices 2 --out results.json --epochs 3 --seed 0 [--save-ckpt ddp.ckpt]
+    python tests/ddp_fit.py --devices 1 --out single.json --eval-ckpt ddp.ckpt   # test only
 
 Rank 0 writes ``--out``: the sweep's test results, the validation history, and one
 checksum per rank of the parameters and of the activation scales (equal across ranks
-when DDP kept them in sync).
+when DDP kept them in sync). At the end every rank calls
+:func:`lightning_qsec.distributed.shutdown_distributed` (``--no-cleanup`` skips it, to
+reproduce the occasional abort at exit); the exit code is non-zero if any rank failed.
 
 Both runs see the same global batches: the global batch (``--batch-size``) is split
 evenly across the ranks, and under DDP each rank takes every N-th sample of the same
@@ -38,6 +41,7 @@ from lightning_qsec.callbacks.precision_sweep import PrecisionSweep  # noqa: E40
 from lightning_qsec.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from lightning_qsec.data.digits import DigitsDataModule  # noqa: E402
 from lightning_qsec.data.sampler import EpochSeededSampler  # noqa: E402
+from lightning_qsec.distributed import shutdown_distributed  # noqa: E402
 from lightning_qsec.quant.inspect import stat_scalers  # noqa: E402
 
 
@@ -142,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split over the ranks")
-    parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 64-true")
+    parser.add_argument("--save-ckpt", type=Path, help="after fit, save a checkpoint here (every rank calls, rank 0 writes)")
+    parser.add_argument("--eval-ckpt", type=Path, help="skip fit: test the model of this checkpoint")
     parser.add_argument(
         "--no-cleanup",
         action="store_true",
@@ -166,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=args.epochs,
-        precision=args.precision,
         deterministic=True,
         logger=False,
         enable_checkpointing=False,
@@ -174,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         enable_model_summary=False,
         callbacks=[QuantizationAwareTraining(4, 4), sweep],
     )
-    trainer.fit(model, datamodule=datamodule)
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    if args.eval_ckpt is None:
+        trainer.fit(model, datamodule=datamodule)
+        if args.save_ckpt is not None:
+            trainer.save_checkpoint(args.save_ckpt)
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    else:
+        trainer.test(model, datamodule=datamodule, ckpt_path=str(args.eval_ckpt), verbose=False)
 
     mine = checksums(model)
     if trainer.world_size > 1:
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "devices": args.devices,
             "world_size": trainer.world_size,
             "epochs": args.epochs,
+            "eval_ckpt": None if args.eval_ckpt is None else str(args.eval_ckpt),
             "seed": args.seed,
             "global_batch_size": args.batch_size,
             "test": sweep.results["test"],
@@ -200,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
         tmp.replace(args.out)
 
-    if not args.no_cleanup:
-        from lightning_qsec.distributed import shutdown_distributed
-
-        shutdown_distributed()
+    if args.no_cleanup:
+        return 0
+    # Destroy the gloo process group on every rank (else the exit can abort: exit 134),
+    # and on rank 0 wait for the rank processes Lightning launched: their exit codes.
+    children = shutdown_distributed(trainer)
+    if children != 0:
+        print(f"ddp_fit: a launched rank exited with {children}", file=sys.stderr)
+        return 1
     return 0
 
 

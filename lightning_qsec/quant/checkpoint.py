@@ -88,5 +88,13 @@ def load_quantized_checkpoint(
     own = set(model.state_dict())
     if prefix is not None or not (set(state) >= own and set(state) & own):
         state = _model_state(checkpoint, prefix)
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
+    # Brevitas omits an activation scale that never saw data (no statistics, no calibration):
+    # such a scaler stays in its initial state, exactly as it was saved.
+    missing = [k for k in result.missing_keys if not k.endswith("scaling_impl.value")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__}: missing keys {missing}, "
+            f"unexpected keys {result.unexpected_keys}"
+        )
     return model.eval()
