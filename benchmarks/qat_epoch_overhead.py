@@ -23,10 +23,12 @@ The script checks first that the hand-written network and the callback's network
 the same: identical ``state_dict`` keys and identical logits from the same weights.
 
 Method. Every run is a fresh model and optimizer; it trains ``1 + --epochs`` epochs and
-the first (warm-up) epoch is dropped. Epoch time is wall-clock time from the first
-batch fetch to the last optimizer step: ``on_train_epoch_start`` ->
-``on_train_epoch_end`` in a Trainer (validation is off), the ``for`` loop in the plain
-loop. A run's time is the median of its steady-state epochs. The three variants are
+the first (warm-up) epoch is dropped. An epoch is timed from the first batch fetch to
+the last optimizer step: ``on_train_epoch_start`` -> ``on_train_epoch_end`` in a
+Trainer (validation is off), the ``for`` loop in the plain loop. Both process CPU time
+(judged: with one torch thread it is the work done, hardly disturbed by other
+processes sharing the cores) and wall time (printed) are taken. A run's time is the
+median of its steady-state epochs. The three variants are
 run ``--repeats`` times, *interleaved* (the order rotates every repeat), so a change
 of machine load hits all of them alike; each repeat gives paired ratios, and the
 reported ratio is the median over repeats (min..max shows the spread). Calibration,
@@ -49,7 +51,6 @@ Uses ``--threads`` torch threads (default 1: steadier on a shared machine).
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import statistics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -106,7 +107,7 @@ def test_robust_accuracy_falls_with_eps_and_pgd_beats_fgsm(setup):
         acc_pgd = _acc(q, pgd(q, x, y, eps=eps, alpha=max(eps, 1e-3) / 4, steps=10, generator=_gen()), y)
         rows.append((eps, acc_fgsm, acc_pgd))
     print("\nw4a4 digits robust accuracy (eps, FGSM, PGD-10):", rows)
-    for (_, f0, p0), (_, f1, p1) in zip(rows, rows[1:]):
+    for (_, f0, p0), (_, f1, p1) in itertools.pairwise(rows):
         assert f1 <= f0 and p1 <= p0
     for eps, acc_fgsm, acc_pgd in rows:
         assert acc_pgd <= acc_fgsm, eps
@@ -288,6 +289,10 @@ def test_one_forward_per_step(setup):
     assert counting.calls <= 1 + 1 + 7  # clean check, start point, one per step
 
 
+def _diva_same_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return diva(model, model, x, y, eps=0.1, alpha=0.01, steps=1)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
@@ -309,6 +314,7 @@ def test_one_forward_per_step(setup):
         (lambda m, x, y: diva(m, m, x, y, eps=0.1, alpha=0.01, steps=1, c=-1.0), "c must be"),
         (lambda m, x, y: diva(m, m, x, y, eps=0.1, alpha=0.01, steps=1, loss="kl"), "loss must be"),
         (lambda m, x, y: pgd(m, x, y, eps=0.1, alpha=0.01, steps=1, clip_min=1.0, clip_max=0.0), "clip_min"),
+        (lambda m, x, y: _diva_same_module(nn.Flatten(), x, y), "no quantized"),
         (lambda m, x, y: fgsm(m, x * float("nan"), y, eps=0.1), "inputs contain NaN"),
         (lambda m, x, y: fgsm(m, x + 2.0, y, eps=0.1), r"inputs must lie in the input domain"),
         (lambda m, x, y: fgsm(m, x, y[:-1], eps=0.1), "same number of samples"),
@@ -331,7 +337,7 @@ def test_dtype_and_empty_batches():
         fgsm(net, x, y, eps=0.1),
         pgd(net, x, y, eps=0.1, alpha=0.02, steps=2, generator=_gen()),
         apgd(net, x, y, eps=0.1, steps=2),
-        diva(net, net, x, y, eps=0.1, alpha=0.02, steps=2),
+        diva(copy.deepcopy(net), net, x, y, eps=0.1, alpha=0.02, steps=2),
     ):
         assert adv.dtype == torch.float64 and adv.shape == x.shape
     empty_x, empty_y = x[:0], y[:0]

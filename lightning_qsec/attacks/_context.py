@@ -17,14 +17,23 @@ attack crafts inputs:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Norm", "attack_mode", "input_gradient", "as_attack_tensor", "l2_norms", "project_l2", "random_start"]
+__all__ = [
+    "Norm",
+    "as_attack_tensor",
+    "attack_mode",
+    "check_logits",
+    "input_gradient",
+    "l2_norms",
+    "project_l2",
+    "random_start",
+]
 
 Norm = Literal["linf", "l2"]
 _TINY = 1e-12
@@ -146,5 +155,3 @@ def check_logits(logits: object, num_samples: int, targets: Tensor, caller: str)
         )
     return logits
 
-
-LossFn = Callable[[Tensor, Tensor], Tensor]

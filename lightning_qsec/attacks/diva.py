@@ -26,6 +26,8 @@ from lightning_qsec.attacks._context import (
     input_gradient,
     l2_norms,
     project_l2,
+)
+from lightning_qsec.attacks._context import (
     random_start as draw_random_start,
 )
 from lightning_qsec.attacks.float_view import float_side
@@ -164,6 +166,7 @@ def diva(
             if step == steps or bool(done.all()):
                 break
             grad = input_gradient(_objective(float_logits, quant_logits, y, c, loss).sum(), x_adv)
+            del float_logits, quant_logits  # no graph lives through the next forward
             grad = torch.where(done.view(view), torch.zeros_like(grad), grad)  # finished samples stay put
             x_adv = x_adv.detach()
             if norm == "linf":

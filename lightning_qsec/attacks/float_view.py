@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_qsec.quant.inspect import is_quantized
 from lightning_qsec.quant.precision import float_mode, require_quantized
 
 __all__ = ["FloatView"]
@@ -49,4 +50,12 @@ class FloatView(nn.Module):
 
 def float_side(float_model: nn.Module, quant_model: nn.Module) -> nn.Module:
     """``float_model``, or ``FloatView(quant_model)`` when both are the same object."""
-    return FloatView(quant_model) if float_model is quant_model else float_model
+    if float_model is not quant_model:
+        return float_model
+    if not is_quantized(quant_model):
+        raise ValueError(
+            "float_model and quant_model are the same module, so its float mode would serve as the float "
+            "model, but quant_model has no quantized layers: quantize it with lightning_qsec.quantize_model "
+            "or pass a separate float model"
+        )
+    return FloatView(quant_model)

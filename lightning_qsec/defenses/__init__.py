@@ -1,0 +1,30 @@
+"""Training-time defenses, added to the Trainer as callbacks (the LightningModule is unchanged).
+
+* :class:`LipschitzRegularization`: Defensive Quantization's orthogonality term
+  (Lin, Gan & Han, ICLR 2019).
+* :class:`GradientL1Regularization`: L1 norm of the weight gradient, for robustness to
+  post-training quantization (Alizadeh et al., ICLR 2020).
+* :class:`KurtosisRegularization`: KURE, weights toward a uniform distribution
+  (Shkolnik et al., NeurIPS 2020).
+* :class:`RandomPrecisionTraining`: every step at a random precision, optionally with
+  switchable BatchNorm (Double-Win Quant, Fu et al., ICML 2021).
+
+The regularizers share one mechanism (:mod:`lightning_qsec.defenses._regularizer`):
+the term's gradient is added to ``.grad`` by an extra ``torch.autograd.grad``, and the
+coefficient is a number or ``(epoch, value)`` milestones.
+"""
+
+from lightning_qsec.defenses._regularizer import Coefficient, CoefficientLike
+from lightning_qsec.defenses.gradient_l1 import GradientL1Regularization
+from lightning_qsec.defenses.kurtosis import KurtosisRegularization
+from lightning_qsec.defenses.lipschitz import LipschitzRegularization
+from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
+
+__all__ = [
+    "Coefficient",
+    "CoefficientLike",
+    "GradientL1Regularization",
+    "KurtosisRegularization",
+    "LipschitzRegularization",
+    "RandomPrecisionTraining",
+]
