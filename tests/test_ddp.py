@@ -7,9 +7,11 @@ Why the 1-device run evaluates the 2-device run's checkpoint rather than trainin
 QAT training is chaotic in float32. Even with the same global batches and the same
 calibrated scales, DDP's gradient all-reduce sums in another order (5e-9 differences at
 the first step); Adam and the quantizers' rounding turn that into 1e-2 weight differences
-within one epoch, and w2a2 accuracies then differ by 10+ points (as they do between two
-one-process runs whose initial weights differ by 1e-7). What DDP must not change is the
-measurement: the sweep over the same weights, its metrics synced over the ranks.
+within one epoch, and after a few epochs w2a2 accuracies differ by 10-20 points (two
+one-process runs whose initial weights differ by 1e-7 already differ by 1.4 points at w2a2
+after 3 epochs). What DDP must not change is the measurement: the sweep over the same
+weights, its metrics synced over the ranks (up to the one test sample DistributedSampler
+repeats to even out the ranks: 1/360).
 """
 
 from __future__ import annotations

@@ -16,7 +16,13 @@ from lightning_qsec._eval import eval_mode
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
 from lightning_qsec.callbacks._target import quantized_target
-from lightning_qsec.metrics.functional._groups import check_groups, check_group_counts, check_rate_denominators, ratio, spread
+from lightning_qsec.metrics.functional._groups import (
+    check_group_counts,
+    check_groups,
+    check_rate_denominators,
+    ratio,
+    spread,
+)
 from lightning_qsec.metrics.functional.demographic_parity import (
     _demographic_parity_difference_from_counts,
     _demographic_parity_ratio_from_counts,
@@ -325,6 +331,7 @@ class FairnessEvaluation(pl.Callback):
         if num_groups is None:
             num_groups = int(groups.max()) + 1
         check_groups(groups, num_groups)
+        check_group_counts(torch.bincount(groups, minlength=num_groups)[:num_groups], "FairnessEvaluation")
         names = self.group_names or getattr(dm, "group_names", None) or [f"group {g}" for g in range(num_groups)]
         names = [str(n) for n in names]
         if len(names) != num_groups:
@@ -344,8 +351,6 @@ class FairnessEvaluation(pl.Callback):
         target, groups = rows[:, 0], rows[:, 1]
         preds = {key: rows[:, 2 + i] for i, key in enumerate(self.keys)}
         num_groups, names = self._resolve_groups(trainer, groups)
-        counts = _counts(target, groups, preds, num_groups, binary=False)
-        check_group_counts(counts["total"][0].long(), f"FairnessEvaluation ({stage})")
         binary = self._num_classes == 2 and bool(((target == 0) | (target == 1)).all())
         if binary:
             pos = (target == 1).long()
@@ -354,14 +359,15 @@ class FairnessEvaluation(pl.Callback):
             per_group_neg = torch.zeros(num_groups, dtype=torch.long).index_add_(0, groups, 1 - pos)
             check_rate_denominators(per_group_pos, owner, "target 1 (positives; the true positive rate)")
             check_rate_denominators(per_group_neg, owner, "target 0 (negatives; the false positive rate)")
-        point = {k: float(v[0]) for k, v in _values(_counts(target, groups, preds, num_groups, binary), self.keys, binary).items()}
+        values = _values(_counts(target, groups, preds, num_groups, binary), self.keys, binary)
+        point = {k: float(v[0]) for k, v in values.items()}
         ci: dict[str, Any] | None = None
         if self.bootstrap and trainer.is_global_zero:
             ci = _bootstrap(target, groups, preds, num_groups, binary, self.bootstrap, self.confidence, self.seed)
         if self.bootstrap and trainer.world_size > 1:
             ci = trainer.strategy.broadcast(ci, src=0)
         result = self._result(trainer, stage, point, ci, num_groups, names, binary,
-                              counts["total"][0].long().tolist(), len(target))
+                              torch.bincount(groups, minlength=num_groups).tolist(), len(target))
         for name, value in point.items():
             pl_module.log(f"qsec/fair/{name}", value, sync_dist=False, rank_zero_only=False)
         self.results[stage] = result

@@ -175,7 +175,7 @@ class PrecisionSweep(pl.Callback):
             logs.update({f"qsec/{label}/acc": r["accuracy"], f"qsec/{label}/drop": r["drop"],
                          f"qsec/{label}/disagreement": r["disagreement"]})
         for name, value in logs.items():
-            pl_module.log(name, value, sync_dist=False, rank_zero_only=False)
+            pl_module.log(name, value, sync_dist=True)  # equal on every rank already
         self.results[stage] = result
         self.history.append(result)
         self._swept_in_stage = True

@@ -6,19 +6,37 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelPruning
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_qsec._validation import check_positive_int
-from lightning_qsec.batch import BatchAdapter
+from lightning_qsec.batch import Batch, BatchAdapter, adapter_or_default
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
-from lightning_qsec.quant.inspect import stat_scalers
 from lightning_qsec.quant.statistics import load_statistics_state, statistics_state
 
 __all__ = ["QuantizationAwareTraining"]
+
+
+def _gathered_batches(
+    trainer: pl.Trainer, loader: Any, num_batches: int, batch_adapter: BatchAdapter | None
+) -> list[Batch]:
+    """Each rank's first ``num_batches`` batches, gathered from all ranks in rank order.
+
+    Under DDP every rank then calibrates on the same global batches, so the scales equal
+    those of a one-process run on the same data.
+    """
+    read = adapter_or_default(batch_adapter)
+    gathered: list[Batch] = []
+    for i, batch in enumerate(loader):
+        if i >= num_batches:
+            break
+        b = read(batch)
+        inputs = trainer.strategy.all_gather(b.inputs.to(trainer.strategy.root_device))
+        targets = trainer.strategy.all_gather(b.targets.to(trainer.strategy.root_device))
+        gathered.append(Batch(inputs.flatten(0, 1), targets.flatten(0, 1)))
+    return gathered
 
 
 class QuantizationAwareTraining(pl.Callback):
@@ -29,8 +47,8 @@ class QuantizationAwareTraining(pl.Callback):
     restore (``fit(ckpt_path=...)`` and ``test(ckpt_path=...)`` load quantized weights)
     and DDP wrapping. It is idempotent and ``forward`` is never wrapped. Weights start
     from the module's float weights. With ``calibrate_batches > 0`` the activation
-    scales are calibrated on that many training batches before the first step (and
-    averaged over DDP ranks); with 0 Brevitas gathers them over the first training steps.
+    scales are calibrated on that many training batches before the first step (under
+    DDP on the batches of all ranks, so every rank gets the scales of a one-process run); with 0 Brevitas gathers them over the first training steps.
 
     The configuration, the calibration flag and the exact activation-statistics state
     live in ``state_dict()``, so a resumed run matches an uninterrupted one. Load a
@@ -110,11 +128,10 @@ class QuantizationAwareTraining(pl.Callback):
                 "calibrate_batches needs a single training dataloader; set calibrate_batches=0 "
                 "or call lightning_qsec.calibrate yourself before fit"
             )
-        calibrate(pl_module, loader, self.calibrate_batches, batch_adapter=self.batch_adapter)
-        if trainer.world_size > 1:  # every rank saw other batches: agree on the mean scale
-            with torch.no_grad():
-                for _, scaler in stat_scalers(pl_module):
-                    scaler.value.copy_(trainer.strategy.reduce(scaler.value.detach().clone(), reduce_op="mean"))
+        adapter = self.batch_adapter
+        if trainer.world_size > 1:
+            loader, adapter = _gathered_batches(trainer, loader, self.calibrate_batches, adapter), None
+        calibrate(pl_module, loader, self.calibrate_batches, batch_adapter=adapter)
         self.calibrated = True
         rank_zero_info(f"QuantizationAwareTraining: activation scales calibrated on {self.calibrate_batches} batches")
 

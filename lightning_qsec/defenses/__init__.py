@@ -19,6 +19,7 @@ from lightning_qsec.defenses.gradient_l1 import GradientL1Regularization
 from lightning_qsec.defenses.kurtosis import KurtosisRegularization
 from lightning_qsec.defenses.lipschitz import LipschitzRegularization
 from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
+from lightning_qsec.defenses.adversarial_training import AdversarialTraining
 
 __all__ = [
     "Coefficient",
@@ -27,4 +28,5 @@ __all__ = [
     "KurtosisRegularization",
     "LipschitzRegularization",
     "RandomPrecisionTraining",
+    "AdversarialTraining",
 ]

@@ -121,6 +121,8 @@ class GradientL1Regularization(Regularizer):
         x = batch.inputs.to(pl_module.device)
         y = batch.targets.to(pl_module.device)
         weights = self.weights(pl_module)
+        if not weights:  # every regularized weight is frozen
+            return
         scale = coefficient / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
