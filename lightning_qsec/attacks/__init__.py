@@ -13,6 +13,15 @@ with frozen parameters (no BatchNorm or Brevitas statistics consumed, no paramet
   MLSys 2022).
 * :func:`transfer_attack` / :func:`float_quant_transfer`: craft on one model, evaluate
   on another; float ↔ quantized on one module through :class:`FloatView`.
+
+Red team (attacks on the model or its training data, not on inputs):
+
+* :func:`add_trigger`, :func:`poison_dataset`, :class:`PoisonedDataModule`: BadNets data
+  poisoning (Gu et al., 2017).
+* :func:`quantization_conditioned_attack` / :class:`QuantizationConditionedAttack`: a
+  float model that misbehaves only once quantized (indiscriminate, targeted or backdoor;
+  Egashira et al., NeurIPS 2024 box constraint with Qu-ANTI-zation and PQBackdoor goals);
+  :func:`victim_quantize` deploys it as the threat model's victim does.
 """
 
 from __future__ import annotations
@@ -23,6 +32,12 @@ from lightning_qsec.attacks.diva import diva
 from lightning_qsec.attacks.fgsm import fgsm
 from lightning_qsec.attacks.float_view import FloatView
 from lightning_qsec.attacks.pgd import pgd
+from lightning_qsec.attacks.poisoning import PoisonedData, PoisonedDataModule, add_trigger, poison_dataset
+from lightning_qsec.attacks.quantization_conditioned import (
+    QuantizationConditionedAttack,
+    quantization_conditioned_attack,
+    victim_quantize,
+)
 from lightning_qsec.attacks.transfer import (
     FloatQuantTransfer,
     TransferResult,
@@ -34,12 +49,19 @@ __all__ = [
     "FloatQuantTransfer",
     "FloatView",
     "Norm",
+    "PoisonedData",
+    "PoisonedDataModule",
+    "QuantizationConditionedAttack",
     "TransferResult",
+    "add_trigger",
     "apgd",
     "attack_mode",
     "diva",
     "fgsm",
     "float_quant_transfer",
     "pgd",
+    "poison_dataset",
+    "quantization_conditioned_attack",
     "transfer_attack",
+    "victim_quantize",
 ]

@@ -140,7 +140,8 @@ class AdversarialTraining(pl.Callback):
     ``(epoch, value)`` milestones, piecewise constant), and with ``warmup_epochs > 0``
     it is further multiplied by a linear ramp from 0 (first step) to 1 (end of the
     warm-up), updated every step: ``eps_at(e) = eps(floor(e)) * min(1, e / warmup_epochs)``
-    with ``e = current_epoch + batch_idx / num_training_batches``. While ``eps`` is 0 no
+    with ``e = current_epoch + batch_idx / num_training_batches`` (``e = current_epoch``
+    when the loader has no length). While ``eps`` is 0 no
     attack runs. A default ``alpha`` follows the current ``eps``; an explicit one is
     absolute.
 
