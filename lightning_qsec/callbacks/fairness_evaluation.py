@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_qsec._eval import eval_mode
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
+from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
 from lightning_qsec.callbacks._target import quantized_target
 from lightning_qsec.metrics.functional._groups import (
     check_group_counts,
@@ -41,7 +41,6 @@ from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["FairnessEvaluation"]
 
-Stage = Literal["validate", "test"]
 
 #: Metrics reported for the float model and every precision; the binary-only ones last.
 ALL_METRICS = ("worst_group_accuracy", "accuracy_difference")
@@ -173,7 +172,7 @@ def _fmt(v: dict[str, Any] | None) -> str:
     return f"{value} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
 
 
-class FairnessEvaluation(pl.Callback):
+class FairnessEvaluation(EvaluationCallback):
     """Group fairness of the float model and of each precision, and its change under quantization.
 
     At the end of validation (every ``every_n_epochs`` epochs, never in the sanity
@@ -253,6 +252,7 @@ class FairnessEvaluation(pl.Callback):
         seed: int = 0,
         batch_adapter: BatchAdapter | None = None,
     ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs)
         self.precisions: list[Precision] = parse_precisions(bit_widths, "bit_widths")
         self.num_groups = None if num_groups is None else check_positive_int(num_groups, "num_groups")
         if group_names is not None:
@@ -261,7 +261,6 @@ class FairnessEvaluation(pl.Callback):
             if self.num_groups is not None and len(group_names) != self.num_groups:
                 raise ValueError(f"group_names has {len(group_names)} names but num_groups={self.num_groups}")
         self.group_names = None if group_names is None else list(group_names)
-        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
         self.bootstrap = check_positive_int(bootstrap, "bootstrap", allow_zero=True)
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
@@ -272,14 +271,10 @@ class FairnessEvaluation(pl.Callback):
         self.seed = seed
         self._read = adapter_or_default(batch_adapter)
         self._batch_adapter = batch_adapter
-        self.results: dict[str, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
-        self._active = False
         self._target: nn.Module | None = None
         self._is_twin = False
         self._store: _Predictions | None = None
         self._num_classes: int | None = None
-        self._measured_in_stage = False
 
     @property
     def state_key(self) -> str:
@@ -297,11 +292,8 @@ class FairnessEvaluation(pl.Callback):
         )
         self._store = _Predictions().to(pl_module.device)
         self._num_classes = None
-        self._active = True
 
-    def _update(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._active:
-            return
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._target is not None and self._store is not None
         b = self._read(batch)
         if b.groups is None:
@@ -338,10 +330,7 @@ class FairnessEvaluation(pl.Callback):
             raise ValueError(f"FairnessEvaluation: {len(names)} group names {names} for num_groups={num_groups}")
         return int(num_groups), names
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if not self._active:
-            return
-        self._active = False
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
         assert self._store is not None
         rows = self._store.compute().detach().cpu()  # every rank's rows (a collective call under DDP)
         self._store.reset()
@@ -369,10 +358,8 @@ class FairnessEvaluation(pl.Callback):
         result = self._result(trainer, stage, point, ci, num_groups, names, binary,
                               torch.bincount(groups, minlength=num_groups).tolist(), len(target))
         for name, value in point.items():
-            pl_module.log(f"qsec/fair/{name}", value, sync_dist=False, rank_zero_only=False)
-        self.results[stage] = result
-        self.history.append(result)
-        self._measured_in_stage = True
+            pl_module.log(f"qsec/fair/{name}", value, sync_dist=True)  # equal on every rank already
+        return result
 
     def _result(self, trainer: pl.Trainer, stage: Stage, point: dict[str, float], ci: dict[str, Any] | None,
                 num_groups: int, names: list[str], binary: bool, sizes: list[int], n: int) -> dict[str, Any]:
@@ -416,54 +403,7 @@ class FairnessEvaluation(pl.Callback):
             result["precisions"][key] = r
         return result
 
-    # ------------------------------------------------------------------ hooks
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._start(trainer, pl_module)
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(pl_module, batch, batch_idx)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "validate")
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(pl_module, batch, batch_idx)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._measured_in_stage = False
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        stage = str(getattr(stage, "value", stage))
-        if stage in ("test", "validate") and not self._measured_in_stage:
-            raise ValueError(
-                f"FairnessEvaluation measured nothing in trainer.{stage}(): the {stage} dataloader is empty "
-                "(Lightning skips evaluation loops without batches)"
-            )
-
-    # ------------------------------------------------------------------ state & report
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results, "history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = dict(state_dict.get("results", {}))
-        self.history = list(state_dict.get("history", []))
-
+    # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection | None:
         if not self.results:
             return None

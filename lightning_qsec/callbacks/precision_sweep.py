@@ -5,17 +5,17 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_qsec._eval import eval_mode
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
+from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
 from lightning_qsec.callbacks._target import quantized_target
 from lightning_qsec.metrics import QuantizationDisagreement
 from lightning_qsec.quant.precision import at_precision, float_mode
@@ -24,10 +24,7 @@ from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["PrecisionSweep"]
 
-Stage = Literal["validate", "test"]
-
-
-class PrecisionSweep(pl.Callback):
+class PrecisionSweep(EvaluationCallback):
     """Accuracy of the float model and of each precision, their drop and disagreement.
 
     At the end of validation (every ``every_n_epochs`` epochs, never in the sanity
@@ -77,22 +74,18 @@ class PrecisionSweep(pl.Callback):
         onnx_max_samples: int = 512,
         batch_adapter: BatchAdapter | None = None,
     ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs)
         self.precisions: list[Precision] = parse_precisions(bit_widths, "bit_widths")
-        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.max_batches = None if max_batches is None else check_positive_int(max_batches, "max_batches")
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
         self.onnx = bool(onnx)
         self.onnx_max_samples = check_positive_int(onnx_max_samples, "onnx_max_samples")
         self._read = adapter_or_default(batch_adapter)
         self._batch_adapter = batch_adapter
-        self.results: dict[str, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
-        self._active = False
         self._target: nn.Module | None = None
         self._is_twin = False
         self._metrics: dict[str, nn.Module] = {}
         self._samples: list[tuple[Tensor, Tensor]] = []
-        self._swept_in_stage = False
 
     @property
     def state_key(self) -> str:
@@ -105,7 +98,6 @@ class PrecisionSweep(pl.Callback):
         )
         self._metrics = {}
         self._samples = []
-        self._active = True
 
     def _metric(self, key: str, num_classes: int, device: torch.device) -> nn.Module:
         if key not in self._metrics:
@@ -117,8 +109,8 @@ class PrecisionSweep(pl.Callback):
             self._metrics[key] = metric.to(device)
         return self._metrics[key]
 
-    def _update(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._active or (self.max_batches is not None and batch_idx >= self.max_batches):
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.max_batches is not None and batch_idx >= self.max_batches:
             return
         assert self._target is not None
         b = self._read(batch)
@@ -141,10 +133,7 @@ class PrecisionSweep(pl.Callback):
                 take = self.onnx_max_samples - kept
                 self._samples.append((x[:take].detach().cpu().clone(), y[:take].detach().cpu().clone()))
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if not self._active:
-            return
-        self._active = False
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
         if not self._metrics:
             raise ValueError(f"PrecisionSweep saw no {stage} batches: the evaluation dataloader is empty")
         values = {key: float(metric.compute()) for key, metric in self._metrics.items()}
@@ -176,10 +165,8 @@ class PrecisionSweep(pl.Callback):
                          f"qsec/{label}/disagreement": r["disagreement"]})
         for name, value in logs.items():
             pl_module.log(name, value, sync_dist=True)  # equal on every rank already
-        self.results[stage] = result
-        self.history.append(result)
-        self._swept_in_stage = True
         self._target, self._metrics, self._samples = None, {}, []
+        return result
 
     def _measure_onnx(self) -> dict[str, Any]:
         from lightning_qsec.quant.export import compare_deployed, export_onnx  # the [export] extra
@@ -200,52 +187,7 @@ class PrecisionSweep(pl.Callback):
                     }
         return out
 
-    # ------------------------------------------------------------------ hooks
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._start(trainer, pl_module)
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._update(pl_module, batch, batch_idx)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "validate")
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._swept_in_stage = False
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        stage = str(getattr(stage, "value", stage))
-        if stage in ("test", "validate") and not self._swept_in_stage:
-            raise ValueError(
-                f"PrecisionSweep measured nothing in trainer.{stage}(): the {stage} dataloader is empty "
-                "(Lightning skips evaluation loops without batches)"
-            )
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._update(pl_module, batch, batch_idx)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
-
-    # ------------------------------------------------------------------ state & report
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results, "history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = dict(state_dict.get("results", {}))
-        self.history = list(state_dict.get("history", []))
-
+    # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection | None:
         if not self.results:
             return None

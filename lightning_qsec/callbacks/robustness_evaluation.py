@@ -9,7 +9,6 @@ from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import Metric
@@ -20,6 +19,7 @@ from lightning_qsec.attacks._checks import check_domain, check_norm
 from lightning_qsec.attacks._context import Norm, as_attack_tensor, attack_mode
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.callbacks._masking import effective_tolerance, masking_flags_by_precision
+from lightning_qsec.callbacks._evaluation_hook import STAGES, EvaluationCallback, Stage
 from lightning_qsec.callbacks._target import quantized_target
 from lightning_qsec.metrics import AttackSuccessRate, RobustAccuracy
 from lightning_qsec.quant.precision import at_precision, float_mode
@@ -29,9 +29,7 @@ from lightning_qsec.report.section import Plot, ReportSection, Table
 __all__ = ["RobustnessEvaluation"]
 
 AttackName = Literal["fgsm", "pgd", "apgd"]
-Stage = Literal["validate", "test"]
 ATTACK_NAMES: tuple[str, ...] = get_args(AttackName)
-STAGES: tuple[str, ...] = get_args(Stage)
 _TINY = 1e-12
 
 
@@ -101,7 +99,7 @@ def _check_bool(value: Any, name: str) -> bool:
     return value
 
 
-class RobustnessEvaluation(pl.Callback):
+class RobustnessEvaluation(EvaluationCallback):
     """Robust accuracy of the float model and of each precision, per attack and eps.
 
     At the end of validation (every ``every_n_epochs`` epochs, never in the sanity
@@ -197,6 +195,7 @@ class RobustnessEvaluation(pl.Callback):
         stages: Sequence[Stage] = ("validate", "test"),
         masking_tolerance: float = 0.03,
     ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, stages=_check_names(stages, "stages", STAGES))  # type: ignore[arg-type]
         self.norm: Norm = check_norm(norm)
         self.clip_min, self.clip_max = check_domain(clip_min, clip_max)
         self.eps: list[float] = _check_eps_values(eps, self.norm, self.clip_min, self.clip_max)
@@ -211,7 +210,6 @@ class RobustnessEvaluation(pl.Callback):
             raise ValueError(f"alpha must be None (2.5 * eps / steps) or a finite number > 0, got {alpha!r}")
         self.alpha = None if alpha is None else float(alpha)
         self.max_samples = check_positive_int(max_samples, "max_samples")
-        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.transfer = _check_bool(transfer, "transfer")
         self.diva = _check_bool(diva, "diva")
         self.amplification = _check_bool(amplification, "amplification")
@@ -223,7 +221,6 @@ class RobustnessEvaluation(pl.Callback):
             raise ValueError(f"batch_adapter must be a callable(batch) -> Batch or None, got {batch_adapter!r}")
         self._read = adapter_or_default(batch_adapter)
         self._batch_adapter = batch_adapter
-        self.stages: list[str] = _check_names(stages, "stages", STAGES)
         if (
             isinstance(masking_tolerance, bool)
             or not isinstance(masking_tolerance, (int, float))
@@ -235,9 +232,6 @@ class RobustnessEvaluation(pl.Callback):
         middle = self.eps[len(self.eps) // 2]
         self.transfer_eps: float | None = (middle if middle > 0 else positive[0]) if positive else None
         self.transfer_attack = next(a for a in ("pgd", "apgd", "fgsm") if a in self.attacks)
-        self.results: dict[str, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
-        self._collecting = False
         self._cap = self.max_samples
         self._samples: list[tuple[Tensor, Tensor]] = []
 
@@ -248,14 +242,11 @@ class RobustnessEvaluation(pl.Callback):
         )
 
     # ------------------------------------------------------------------ collection
-    def _start(self, trainer: pl.Trainer) -> None:
-        self._collecting = True
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples = []
         self._cap = -(-self.max_samples // max(int(trainer.world_size), 1))
 
-    def _collect(self, batch: Any) -> None:
-        if not self._collecting:
-            return
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         kept = sum(len(s[1]) for s in self._samples)
         if kept >= self._cap:
             return
@@ -395,10 +386,7 @@ class RobustnessEvaluation(pl.Callback):
                     metric(f"{label}/diva/success", _Ratio).update(success.float(), both.float())
         return metrics
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if not self._collecting:
-            return
-        self._collecting = False
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
         samples, self._samples = self._samples, []
         if not samples:
             raise ValueError(f"RobustnessEvaluation saw no {stage} batches: the evaluation dataloader is empty")
@@ -420,9 +408,8 @@ class RobustnessEvaluation(pl.Callback):
                 logs[f"qsec/robust/{label}/amplification"] = entry["amplification"]["ratio"]
             logs[f"qsec/robust/{label}/masking_flags"] = float(len(entry["masking_flags"]))
         for name, value in logs.items():
-            pl_module.log(name, math.nan if value is None else value, sync_dist=False, rank_zero_only=False)
-        self.results[stage] = result
-        self.history.append(result)
+            pl_module.log(name, math.nan if value is None else value, sync_dist=True)  # equal on every rank already
+        return result
 
     def _assemble(
         self, values: dict[str, float], stage: str, trainer: pl.Trainer, is_twin: bool, num_classes: int,
@@ -485,42 +472,7 @@ class RobustnessEvaluation(pl.Callback):
         result["gradient_masking"] = [f"{label}: {flag}" for label, fl in flags.items() for flag in fl]
         return result
 
-    # ------------------------------------------------------------------ hooks
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "validate" not in self.stages or trainer.sanity_checking:
-            return
-        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._start(trainer)
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._collect(batch)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "validate")
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "test" in self.stages:
-            self._start(trainer)
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._collect(batch)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
-
-    # ------------------------------------------------------------------ state & report
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results, "history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = dict(state_dict.get("results", {}))
-        self.history = list(state_dict.get("history", []))
-
+    # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection | None:
         if not self.results:
             return None

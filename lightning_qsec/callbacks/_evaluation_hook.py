@@ -1,0 +1,116 @@
+"""The lifecycle every evaluation hook shares: when to measure, batch routing, results state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
+
+from lightning_qsec._validation import check_positive_int
+
+__all__ = ["EvaluationCallback", "Stage", "STAGES"]
+
+Stage = Literal["validate", "test"]
+STAGES: tuple[str, ...] = ("validate", "test")
+
+
+class EvaluationCallback(pl.Callback):
+    """Base of the evaluation hooks: measure at validation (every N epochs) and at test.
+
+    A subclass implements :meth:`_start` (the stage's first batch is coming),
+    :meth:`_update` (one evaluation batch) and :meth:`_finish` (compute and return the
+    stage's result dict). This base never runs in the sanity check, applies
+    ``every_n_epochs`` only inside ``fit``, keeps :attr:`results` (latest per stage) and
+    :attr:`history` in ``state_dict``, and raises a clear error when a standalone
+    ``trainer.validate()``/``trainer.test()`` measured nothing (an empty dataloader:
+    Lightning skips the loop silently).
+
+    Args:
+        every_n_epochs: measure at validation every this many epochs of ``fit``.
+        stages: ``"validate"`` (validation inside fit, and ``trainer.validate``) and/or ``"test"``.
+    """
+
+    def __init__(self, *, every_n_epochs: int = 1, stages: Sequence[Stage] = STAGES) -> None:
+        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
+        if isinstance(stages, str) or not stages or any(s not in STAGES for s in stages):
+            raise ValueError(f"stages must be a non-empty sequence of {list(STAGES)}, got {stages!r}")
+        self.stages: list[str] = list(dict.fromkeys(stages))
+        self.results: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self._active = False
+        self._measured_in_stage = False
+
+    # ------------------------------------------------------------------ subclass API
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise NotImplementedError
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ routing
+    def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage not in self.stages or trainer.sanity_checking:
+            return
+        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._active = True
+        self._start(trainer, pl_module)
+
+    def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if not self._active:
+            return
+        self._active = False
+        result = self._finish(trainer, pl_module, stage)
+        self.results[stage] = result
+        self.history.append(result)
+        self._measured_in_stage = True
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin(trainer, pl_module, "validate")
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active:
+            self._update(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer, pl_module, "validate")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin(trainer, pl_module, "test")
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active:
+            self._update(trainer, pl_module, batch, batch_idx)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer, pl_module, "test")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._measured_in_stage = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))
+        if stage in self.stages and not self._measured_in_stage:
+            raise ValueError(
+                f"{type(self).__name__} measured nothing in trainer.{stage}(): the {stage} dataloader is "
+                "empty (Lightning skips evaluation loops without batches)"
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = dict(state_dict.get("results", {}))
+        self.history = list(state_dict.get("history", []))
