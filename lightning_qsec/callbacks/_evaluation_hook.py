@@ -32,6 +32,9 @@ class EvaluationCallback(pl.Callback):
         stages: ``"validate"`` (validation inside fit, and ``trainer.validate``) and/or ``"test"``.
     """
 
+    #: What an empty evaluation loop means for this hook, for the error message.
+    empty_stage_meaning: str = "nothing to measure"
+
     def __init__(self, *, every_n_epochs: int = 1, stages: Sequence[Stage] = STAGES) -> None:
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         if isinstance(stages, str) or not stages or any(s not in STAGES for s in stages):
@@ -103,8 +106,8 @@ class EvaluationCallback(pl.Callback):
         stage = str(getattr(stage, "value", stage))
         if stage in self.stages and not self._measured_in_stage:
             raise ValueError(
-                f"{type(self).__name__} measured nothing in trainer.{stage}(): the {stage} dataloader is "
-                "empty (Lightning skips evaluation loops without batches)"
+                f"{type(self).__name__} measured nothing in trainer.{stage}(): {self.empty_stage_meaning}; "
+                f"the {stage} dataloader is empty (Lightning skips evaluation loops without batches)"
             )
 
     # ------------------------------------------------------------------ state

@@ -18,7 +18,7 @@ from lightning_qsec.quant.inspect import is_quantized
 __all__ = ["quantized_target", "calibration_loader"]
 
 
-def _single(loader: Any) -> Any:
+def single_loader(loader: Any) -> Any:
     loader = getattr(loader, "iterables", loader)
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
@@ -30,15 +30,15 @@ def _single(loader: Any) -> Any:
 def calibration_loader(trainer: pl.Trainer) -> Any:
     """Training batches if the trainer or datamodule has them, else the current evaluation batches."""
     if trainer.train_dataloader is not None:
-        return _single(trainer.train_dataloader)
+        return single_loader(trainer.train_dataloader)
     datamodule = trainer.datamodule
     if datamodule is not None:
         try:
-            return _single(datamodule.train_dataloader())
+            return single_loader(datamodule.train_dataloader())
         except Exception:  # noqa: BLE001 - a datamodule without train data is allowed
             pass
     rank_zero_warn("No training data to calibrate the post-training quantized twin: calibrating on evaluation data.")
-    return _single(trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders)
+    return single_loader(trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders)
 
 
 def quantized_target(

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -20,7 +19,8 @@ from torchmetrics import Metric
 from lightning_qsec._eval import eval_mode
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
-from lightning_qsec.callbacks._target import _single, quantized_target
+from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
+from lightning_qsec.callbacks._target import single_loader, quantized_target
 from lightning_qsec.privacy import (
     ROC_METRICS,
     confidence_scores,
@@ -37,7 +37,6 @@ from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["MembershipInferenceEvaluation"]
 
-Stage = Literal["validate", "test"]
 Attack = Literal["loss", "confidence", "lira"]
 ATTACKS: tuple[str, ...] = ("loss", "confidence", "lira")
 ATTACK_NAMES = {"loss": "loss threshold", "confidence": "confidence threshold", "lira": "offline LiRA"}
@@ -166,7 +165,7 @@ def _fmt(v: dict[str, Any] | None) -> str:
     return f"{value} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
 
 
-class MembershipInferenceEvaluation(pl.Callback):
+class MembershipInferenceEvaluation(EvaluationCallback):
     """Membership-inference leakage of the float model and of each precision.
 
     Does the model, float or quantized, give away which samples it was trained on?
@@ -271,6 +270,8 @@ class MembershipInferenceEvaluation(pl.Callback):
         (['w8a8', 'w4a4'], ['loss', 'lira'])
     """
 
+    empty_stage_meaning = "the held-out set is empty"
+
     def __init__(
         self,
         bit_widths: Sequence[PrecisionLike] = (8, 4),
@@ -324,21 +325,13 @@ class MembershipInferenceEvaluation(pl.Callback):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        if not stages or any(s not in ("validate", "test") for s in stages):
-            raise ValueError(f"stages must name 'validate' and/or 'test', got {list(stages)!r}")
-        self.stages: tuple[str, ...] = stages
-        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
+        super().__init__(every_n_epochs=every_n_epochs, stages=(stages,) if isinstance(stages, str) else stages)
         self._read = adapter_or_default(batch_adapter)
         self._batch_adapter = batch_adapter
-        self.results: dict[str, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
-        self._active = False
         self._target: nn.Module | None = None
         self._is_twin = False
         self._store: _Reservoir | None = None
         self._members: tuple[Any, str] | None = None
-        self._measured_in_stage = False
         self._fit_loader: Any = None
 
     @property
@@ -354,13 +347,13 @@ class MembershipInferenceEvaluation(pl.Callback):
     def _member_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, str]:
         dm = trainer.datamodule
         if dm is not None and is_overridden("train_dataloader", dm):
-            return _single(dm.train_dataloader()), "train_dataloader() of the datamodule"
+            return single_loader(dm.train_dataloader()), "train_dataloader() of the datamodule"
         if trainer.train_dataloader is not None:
-            return _single(trainer.train_dataloader), "training dataloader of the trainer"
+            return single_loader(trainer.train_dataloader), "training dataloader of the trainer"
         if self._fit_loader is not None:  # Lightning drops the trainer's loaders when a new stage starts
             return self._fit_loader, "training dataloader of the trainer's last fit"
         if is_overridden("train_dataloader", pl_module):
-            return _single(pl_module.train_dataloader()), "train_dataloader() of the LightningModule"
+            return single_loader(pl_module.train_dataloader()), "train_dataloader() of the LightningModule"
         raise ValueError(
             "MembershipInferenceEvaluation needs the training samples (the members): give the trainer a "
             "datamodule with train_dataloader(), or call trainer.fit(...) on this trainer before "
@@ -396,9 +389,8 @@ class MembershipInferenceEvaluation(pl.Callback):
         return torch.cat(xs), torch.cat(ys).long()
 
     # ------------------------------------------------------------------ lifecycle
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if stage not in self.stages:
-            return
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage: Stage = "test" if trainer.testing else "validate"
         with _keep_rng(pl_module.device):  # building a PTQ twin and iterating loaders draw random numbers
             members = self._member_loader(trainer, pl_module)
             self._check_disjoint(trainer, members[0], stage)
@@ -407,19 +399,13 @@ class MembershipInferenceEvaluation(pl.Callback):
                 trainer, pl_module, calibrate_batches=self.calibrate_batches, batch_adapter=self._batch_adapter
             )
         self._store = _Reservoir(self.max_nonmembers, self.seed + trainer.global_rank)
-        self._active = True
 
-    def _update(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not self._active:
-            return
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._store is not None
         b = self._read(batch)
         self._store.update(b.inputs.detach(), b.targets.detach().long())
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if not self._active:
-            return
-        self._active = False
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
         assert self._store is not None and self._members is not None
         gather = _HeldOut().to(pl_module.device)
         if self._store.targets is not None and len(self._store.targets):
@@ -445,10 +431,8 @@ class MembershipInferenceEvaluation(pl.Callback):
             for attack, values in entry["attacks"].items():
                 for metric in ROC_METRICS:
                     pl_module.log(f"qsec/privacy/{key}/{attack}/{metric}", values[metric]["value"],
-                                  sync_dist=False, rank_zero_only=False)
-        self.results[stage] = result
-        self.history.append(result)
-        self._measured_in_stage = True
+                                  sync_dist=True)  # equal on every rank already
+        return result
 
     # ------------------------------------------------------------------ measurement
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module,
@@ -615,56 +599,10 @@ class MembershipInferenceEvaluation(pl.Callback):
         return shadow
 
     # ------------------------------------------------------------------ hooks
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._start(trainer, pl_module, "validate")
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "validate")
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module, "test")
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(pl_module, batch)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_loader = _single(trainer.train_dataloader)
+        self._fit_loader = single_loader(trainer.train_dataloader)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._measured_in_stage = False
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        stage = str(getattr(stage, "value", stage))
-        if stage in ("test", "validate") and stage in self.stages and not self._measured_in_stage:
-            raise ValueError(
-                f"MembershipInferenceEvaluation measured nothing in trainer.{stage}(): the held-out set is empty "
-                f"(the {stage} dataloader has no batches, and Lightning skips evaluation loops without batches)"
-            )
-
-    # ------------------------------------------------------------------ state & report
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results, "history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = dict(state_dict.get("results", {}))
-        self.history = list(state_dict.get("history", []))
-
+    # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection | None:
         if not self.results:
             return None
