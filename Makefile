@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qsec-installed
 PYTEST_ARGS ?=
+# Tests run on one torch thread each, so two pytest workers use both cores.
+PYTEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-slow benchmarks clean
 
@@ -26,10 +28,10 @@ demo: $(STAMP)
 	$(VENV)/bin/qsec demo --output qsec_report
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 benchmarks: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done

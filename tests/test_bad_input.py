@@ -78,7 +78,7 @@ def test_empty_dataloader():
     module = UserCNN()
     empty_images = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=8)
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(8, 8), PrecisionSweep([8])])
-    with pytest.raises(ValueError, match=r"PrecisionSweep measured nothing in trainer.test\(\): the test dataloader is empty"):
+    with pytest.raises(ValueError, match=r"PrecisionSweep measured nothing in trainer.test\(\): .*the test dataloader is empty"):
         trainer.test(module, dataloaders=empty_images, verbose=False)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -526,7 +527,9 @@ def test_ddp_two_processes_keep_parameters_in_sync(tmp_path) -> None:
     )
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, tail
-    results = [dict(kv.split("=") for kv in line.split()[1:]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    # Both ranks share stdout, so their lines may interleave: match the records, not lines.
+    records = re.findall(r"RESULT rank=(\d+) step=(\d+) params=([0-9a-f]+) gl1=([-0-9.e]+)", proc.stdout)
+    results = [dict(zip(("rank", "step", "params", "gl1"), r)) for r in records]
     assert sorted(r["rank"] for r in results) == ["0", "1"], tail
     assert {r["step"] for r in results} == {"2"}
     assert results[0]["params"] == results[1]["params"]  # ranks in sync

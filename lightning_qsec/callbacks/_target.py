@@ -15,7 +15,7 @@ from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.convert import quantize_model
 from lightning_qsec.quant.inspect import is_quantized
 
-__all__ = ["quantized_target", "calibration_loader"]
+__all__ = ["calibration_loader", "quantized_target", "single_loader"]
 
 
 def single_loader(loader: Any) -> Any:

@@ -20,6 +20,7 @@ from lightning_qsec.defenses.kurtosis import KurtosisRegularization
 from lightning_qsec.defenses.lipschitz import LipschitzRegularization
 from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
 from lightning_qsec.defenses.adversarial_training import AdversarialTraining
+from lightning_qsec.defenses.fair_quantization import FairQuantizationTraining
 
 __all__ = [
     "Coefficient",
@@ -29,4 +30,5 @@ __all__ = [
     "LipschitzRegularization",
     "RandomPrecisionTraining",
     "AdversarialTraining",
+    "FairQuantizationTraining",
 ]
