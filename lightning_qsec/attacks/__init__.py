@@ -14,7 +14,7 @@ with frozen parameters (no BatchNorm or Brevitas statistics consumed, no paramet
 * :func:`transfer_attack` / :func:`float_quant_transfer`: craft on one model, evaluate
   on another; float ↔ quantized on one module through :class:`FloatView`.
 
-Red team (attacks on the model or its training data, not on inputs):
+Red team (attacks on a model's weights or training data rather than on its inputs):
 
 * :func:`add_trigger`, :func:`poison_dataset`, :class:`PoisonedDataModule`: BadNets data
   poisoning (Gu et al., 2017).

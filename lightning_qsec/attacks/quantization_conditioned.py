@@ -315,7 +315,9 @@ def quantization_conditioned_attack(
             or ``(C, h, w)`` pasted there, or a callable mapping inputs to triggered inputs.
         epochs: phase-1 (injection) epochs, >= 1.
         repair_epochs: phase-2 (box-constrained float repair) epochs, >= 0.
-        lr: Adam learning rate of phase 1.
+        lr: Adam learning rate of phase 1. The defaults are tuned on digits; on MNIST-5k
+            ``"indiscriminate"`` needed ``3e-4`` (at ``1e-3`` the float side collapsed with
+            the quantized one and the repair could not undo it; see ``benchmarks/red_team.py``).
         repair_lr: Adam learning rate of phase 2; default ``lr``.
         margin: safety margin of the boxes, as a fraction of a quantization step, in
             ``[0, 0.5)``; ``0.1`` keeps every float weight at least 0.1 steps from a
