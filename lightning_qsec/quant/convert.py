@@ -86,7 +86,7 @@ def _weight_layer(module: nn.Module, bits: int, input_bits: int | None, per_chan
 
 
 def _activation(module: nn.Module, bits: int) -> nn.Module:
-    if isinstance(module, nn.Hardtanh) and type(module) is nn.Hardtanh:
+    if type(module) is nn.Hardtanh:
         return QuantHardTanh(
             act_quant=Int8ActPerTensorFloat,
             min_val=module.min_val,
