@@ -34,54 +34,15 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
+from conftest import UserCNN  # noqa: E402  (this script's folder is on sys.path)
 from lightning_qsec.callbacks.precision_sweep import PrecisionSweep  # noqa: E402
 from lightning_qsec.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from lightning_qsec.data.digits import DigitsDataModule  # noqa: E402
 from lightning_qsec.data.sampler import EpochSeededSampler  # noqa: E402
 from lightning_qsec.distributed import shutdown_distributed  # noqa: E402
 from lightning_qsec.quant.inspect import stat_scalers  # noqa: E402
-
-
-class UserCNN(pl.LightningModule):
-    """The plain user module of ``tests/conftest.py``: nn.Conv2d/nn.Linear/nn.ReLU only."""
-
-    def __init__(self, lr: float = 3e-3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.fc1 = nn.Linear(32 * 2 * 2, 64)
-        self.relu3 = nn.ReLU()
-        self.fc2 = nn.Linear(64, 10)
-        self.lr = lr
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.relu1(self.conv1(x)))
-        x = self.relu2(self.conv2(x))
-        x = F.max_pool2d(x, 2).flatten(1)
-        return self.fc2(self.relu3(self.fc1(x)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 class ShardedEpochSeededSampler(DistributedSampler):
