@@ -82,3 +82,25 @@ def _no_stray_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
         yield
+
+
+_LAUNCH_VARIABLES = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"}
+
+
+def run_ddp_script(script, *args: str, cwd, timeout: float = 240):
+    """Run a DDP script in a fresh process (Lightning's launcher re-executes ``sys.argv``).
+
+    The environment drops the launch variables of any outer run, puts the repository on
+    ``PYTHONPATH``, and runs torch on one thread per rank.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+    env.update(PL_DISABLE_FORK="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -17,43 +17,22 @@ repeats to even out the ranks: 1/360).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_ddp_script
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
-ROOT = SCRIPT.parent.parent
 CRASH = "terminate called"
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"}
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PL_DISABLE_FORK"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def run_script(cwd: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run ``ddp_fit.py`` with ``args``; ``(completed process, seconds)``."""
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_ddp_script(SCRIPT, *args, cwd=cwd, timeout=timeout)
     return proc, time.monotonic() - start
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import UserCNN, quiet_trainer
+from conftest import UserCNN, quiet_trainer, run_ddp_script
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -510,21 +510,12 @@ shutdown_distributed()
 
 def test_ddp_two_processes_keep_parameters_in_sync(tmp_path) -> None:
     """Gradient-L1's extra gradient differs per rank (its batch does) and must be all-reduced."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = tmp_path / "ddp_defenses.py"
     script.write_text(_DDP_SCRIPT)
     tests_dir = Path(__file__).parent
-    skip = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"}
-    env = {k: v for k, v in os.environ.items() if k not in skip}
-    env.update(PL_DISABLE_FORK="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tests_dir.parent), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tests_dir)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
+    proc = run_ddp_script(script, str(tests_dir), cwd=tmp_path)
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, tail
     # Both ranks share stdout, so their lines may interleave: match the records, not lines.

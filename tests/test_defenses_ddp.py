@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from conftest import run_ddp_script
+
 _DDP_SCRIPT = '''
 import hashlib, os, sys
 os.environ.setdefault("PL_DISABLE_FORK", "1")
@@ -38,24 +40,14 @@ shutdown_distributed()
 
 def test_ddp_adversarial_training_keeps_parameters_in_sync(tmp_path) -> None:
     """PGD's per-rank batches and TRADES' all-reduced extra gradient leave the ranks in sync."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = tmp_path / "ddp_adversarial.py"
     script.write_text(_DDP_SCRIPT)
     tests_dir = Path(__file__).parent
-    skip = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"}
-    env = {k: v for k, v in os.environ.items() if k not in skip}
-    env.update(PL_DISABLE_FORK="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tests_dir.parent), env.get("PYTHONPATH", "")) if p)
     digests = {}
     for method in ("pgd", "trades"):
-        proc = subprocess.run(
-            [sys.executable, str(script), str(tests_dir), method],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-        )
+        proc = run_ddp_script(script, str(tests_dir), method, cwd=tmp_path)
         tail = (proc.stdout + proc.stderr)[-3000:]
         assert proc.returncode == 0, f"{method}: {tail}"
         # Both ranks share stdout, so their lines may interleave: match the records, not lines.
