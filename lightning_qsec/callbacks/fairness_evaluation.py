@@ -37,6 +37,7 @@ from lightning_qsec.metrics.functional.quantization_induced_disparity import (
 )
 from lightning_qsec.quant.precision import at_precision, float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
+from lightning_qsec.report.markdown import format_interval
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["FairnessEvaluation"]
@@ -161,15 +162,6 @@ def _bootstrap(target: Tensor, groups: Tensor, preds: dict[str, Tensor], num_gro
         low, high = (torch.quantile(finite, q).tolist() if len(finite) else [math.nan, math.nan])
         out[name] = {"ci_low": low, "ci_high": high, "undefined_resamples": int(values.isnan().sum())}
     return out
-
-
-def _fmt(v: dict[str, Any] | None) -> str:
-    if v is None:
-        return "-"
-    value = f"{v['value']:.4f}" if math.isfinite(v["value"]) else "nan"
-    if v.get("ci_low") is None or not math.isfinite(v["ci_low"]):
-        return value
-    return f"{value} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
 
 
 class FairnessEvaluation(EvaluationCallback):
@@ -412,8 +404,8 @@ class FairnessEvaluation(EvaluationCallback):
         for stage, r in self.results.items():
             metrics = ALL_METRICS + (BINARY_METRICS if r["binary"] else ())
             where = f"{stage}, epoch {r['epoch']}{', post-training quantized twin' if r['ptq_twin'] else ''}"
-            rows = [["float", r["float"]["accuracy"], *[_fmt(r["float"]["metrics"][m]) for m in metrics]]]
-            rows += [[label, v["accuracy"], *[_fmt(v["metrics"][m]) for m in metrics]]
+            rows = [["float", r["float"]["accuracy"], *[format_interval(r["float"]["metrics"][m]) for m in metrics]]]
+            rows += [[label, v["accuracy"], *[format_interval(v["metrics"][m]) for m in metrics]]
                      for label, v in r["precisions"].items()]
             tables.append(Table(
                 title=f"Group fairness per precision ({where}; value [{level} bootstrap CI])",
@@ -422,7 +414,7 @@ class FairnessEvaluation(EvaluationCallback):
             tables.append(Table(
                 title=f"Change from float, quantized minus float ({where}; value [{level} bootstrap CI])",
                 columns=["precision", *[f"Δ {SHORT[m]}" for m in metrics], SHORT["quantization_induced_disparity"]],
-                rows=[[label, *[_fmt(v["change"][m]) for m in metrics], _fmt(v["quantization_induced_disparity"])]
+                rows=[[label, *[format_interval(v["change"][m]) for m in metrics], format_interval(v["quantization_induced_disparity"])]
                       for label, v in r["precisions"].items()],
             ))
             names = r["group_names"]

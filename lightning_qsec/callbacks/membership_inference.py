@@ -33,6 +33,7 @@ from lightning_qsec.privacy.roc import _roc_batch
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.precision import at_precision, float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
+from lightning_qsec.report.markdown import format_interval
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["MembershipInferenceEvaluation"]
@@ -154,15 +155,6 @@ def _sampled_roc(member: Tensor, nonmember: Tensor) -> dict[str, list[float]]:
     grid = torch.tensor(ROC_GRID, dtype=torch.float64)
     best = torch.where(fpr[None, :] <= grid[:, None] + 1e-12, tpr[None, :], torch.zeros(1, dtype=torch.float64))
     return {"fpr": list(ROC_GRID), "tpr": best.amax(1).tolist()}
-
-
-def _fmt(v: dict[str, Any] | None) -> str:
-    if v is None:
-        return "-"
-    value = f"{v['value']:.3f}" if math.isfinite(v["value"]) else "nan"
-    if v.get("ci_low") is None or not math.isfinite(v["ci_low"]):
-        return value
-    return f"{value} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
 
 
 class MembershipInferenceEvaluation(EvaluationCallback):
@@ -617,8 +609,8 @@ class MembershipInferenceEvaluation(EvaluationCallback):
             for key, e in entries.items():
                 for attack in r["attacks"]:
                     a = e["attacks"][attack]
-                    rows.append([key, ATTACK_NAMES[attack], *[_fmt(a[m]) for m in ROC_METRICS],
-                                 _fmt(a.get("auc_change"))])
+                    rows.append([key, ATTACK_NAMES[attack], *[format_interval(a[m], 3) for m in ROC_METRICS],
+                                 format_interval(a.get("auc_change"), 3)])
             tables.append(Table(
                 title=f"Membership inference per precision ({where}; value [{level} bootstrap CI])",
                 columns=["precision", "attack", *[SHORT[m] for m in ROC_METRICS], "Δ AUC vs float"], rows=rows,

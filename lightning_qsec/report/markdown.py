@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning_qsec.report.section import ReportSection, Table
 
-__all__ = ["format_cell", "render_markdown", "render_table"]
+__all__ = ["format_cell", "format_interval", "render_markdown", "render_table"]
 
 REPORT_TITLE = "Quantization security report"
 
@@ -49,6 +49,20 @@ def format_cell(value: Any) -> str:
     if callable(item) and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
         return format_cell(item())
     return str(value)
+
+
+def format_interval(entry: Mapping[str, Any] | None, digits: int = 4) -> str:
+    """``"0.8123 [0.8011, 0.8240]"`` for ``{"value", "ci_low", "ci_high"}``; ``"-"`` for ``None``.
+
+    The interval is left out when it is missing or not finite; a non-finite value reads ``nan``.
+    """
+    if entry is None:
+        return "-"
+    value = f"{entry['value']:.{digits}f}" if math.isfinite(entry["value"]) else "nan"
+    low = entry.get("ci_low")
+    if low is None or not math.isfinite(low):
+        return value
+    return f"{value} [{low:.{digits}f}, {entry['ci_high']:.{digits}f}]"
 
 
 def render_table(table: Table) -> str:
