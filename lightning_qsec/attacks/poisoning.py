@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_qsec.data.sampler import EpochSeededSampler
+from lightning_qsec.data._tensor_datamodule import TensorDataModule
 
 __all__ = ["PoisonedData", "PoisonedDataModule", "TriggerPosition", "add_trigger", "poison_dataset"]
 
@@ -249,7 +249,7 @@ def poison_dataset(
     return PoisonedData(x_out, y_out, indices)
 
 
-class PoisonedDataModule(pl.LightningDataModule):
+class PoisonedDataModule(TensorDataModule):
     """A datamodule whose training split is BadNets-poisoned; validation and test stay clean.
 
     It wraps another in-memory datamodule, such as
@@ -299,39 +299,25 @@ class PoisonedDataModule(pl.LightningDataModule):
         position: TriggerPosition = "bottom_right",
         exclude_target: bool = True,
     ) -> None:
-        super().__init__()
         if not isinstance(datamodule, pl.LightningDataModule):
             raise ValueError(f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}")
+        # Batches, workers and shuffling follow the wrapped module; `poison_seed` draws the poisoned rows.
+        super().__init__(
+            batch_size=int(getattr(datamodule, "batch_size", 64)),
+            seed=int(getattr(datamodule, "seed", 0)),
+            num_workers=int(getattr(datamodule, "num_workers", 0)),
+        )
         self.datamodule = datamodule
         self.poison_rate = _check_rate(poison_rate)
         if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)) or target_class < 0:
             raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
         self.target_class = int(target_class)
-        self.seed = _check_seed(seed)
+        self.poison_seed = _check_seed(seed)
         _check_patch(trigger, size, value, position)
         self.trigger, self.size, self.value, self.position = trigger, size, value, position
         self.exclude_target = bool(exclude_target)
-        self.train_dataset: TensorDataset | None = None
-        self.val_dataset: TensorDataset | None = None
-        self.test_dataset: TensorDataset | None = None
         self.triggered_test_dataset: TensorDataset | None = None
         self.poison_indices: Tensor | None = None
-
-    # -- wrapped properties ---------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        """The wrapped module's batch size."""
-        return int(getattr(self.datamodule, "batch_size"))
-
-    @property
-    def num_classes(self) -> int:
-        """The wrapped module's number of classes."""
-        return int(getattr(self.datamodule, "num_classes"))
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """The wrapped module's input shape (without the batch dimension)."""
-        return tuple(getattr(self.datamodule, "input_shape"))
 
     def _split(self, name: str) -> TensorDataset:
         dataset = getattr(self.datamodule, f"{name}_dataset", None)
@@ -347,11 +333,9 @@ class PoisonedDataModule(pl.LightningDataModule):
         """Delegates to the wrapped module."""
         self.datamodule.prepare_data()
 
-    def setup(self, stage: str | None = None) -> None:
-        """Set up the wrapped module, poison its training split (once), trigger its test split."""
-        if self.train_dataset is not None:
-            return
-        self.datamodule.setup(stage)
+    def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        """Set up the wrapped module, poison its training split and trigger its test split."""
+        self.datamodule.setup(None)
         train, val, test = self._split("train"), self._split("val"), self._split("test")
         num_classes = getattr(self.datamodule, "num_classes", None)
         patch = dict(trigger=self.trigger, size=self.size, value=self.value, position=self.position)
@@ -359,42 +343,15 @@ class PoisonedDataModule(pl.LightningDataModule):
             train,
             poison_rate=self.poison_rate,
             target_class=self.target_class,
-            seed=self.seed,
+            seed=self.poison_seed,
             num_classes=num_classes,
             exclude_target=self.exclude_target,
             **patch,  # type: ignore[arg-type]
         )
-        self.train_dataset = TensorDataset(poisoned.x, poisoned.y)
         self.poison_indices = poisoned.poison_indices
-        self.val_dataset, self.test_dataset = val, test
         x_test, y_test = test.tensors[:2]
         self.triggered_test_dataset = TensorDataset(add_trigger(x_test, **patch), y_test.clone())  # type: ignore[arg-type]
-
-    def _loader(self, dataset: TensorDataset | None, *, shuffle: bool) -> DataLoader[Any]:
-        self.setup()
-        assert dataset is not None
-        seed = int(getattr(self.datamodule, "seed", self.seed))
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(dataset, seed) if shuffle else None,
-            num_workers=int(getattr(self.datamodule, "num_workers", 0)),
-        )
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled (seeded) batches of the poisoned training split."""
-        self.setup()
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        """Batches of the clean validation split, in order."""
-        self.setup()
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[Any]:
-        """Batches of the clean test split, in order."""
-        self.setup()
-        return self._loader(self.test_dataset, shuffle=False)
+        return TensorDataset(poisoned.x, poisoned.y), val, test
 
     def triggered_test_dataloader(self) -> DataLoader[Any]:
         """Batches ``(triggered x, true y)`` of the whole test split, in :meth:`test_dataloader`'s order."""
