@@ -23,6 +23,7 @@ from lightning_qsec.metrics.equalized_odds import EqualizedOddsDifference, Equal
 from lightning_qsec.metrics.group_accuracy import GroupAccuracy
 from lightning_qsec.metrics.quantization_induced_disparity import QuantizationInducedDisparity
 from lightning_qsec.metrics.robust_accuracy import RobustAccuracy
+from lightning_qsec.metrics.backdoor import CleanAccuracy, DefenseEffectivenessRate
 
 __all__ = [
     "AttackSuccessRate",
@@ -34,4 +35,6 @@ __all__ = [
     "QuantizationDisagreement",
     "QuantizationInducedDisparity",
     "RobustAccuracy",
+    "CleanAccuracy",
+    "DefenseEffectivenessRate",
 ]

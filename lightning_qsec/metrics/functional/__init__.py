@@ -21,6 +21,7 @@ from lightning_qsec.metrics.functional.quantization_induced_disparity import (
     quantization_induced_disparity,
 )
 from lightning_qsec.metrics.functional.robust_accuracy import robust_accuracy
+from lightning_qsec.metrics.functional.backdoor import clean_accuracy, defense_effectiveness_rate
 
 __all__ = [
     "attack_success_rate",
@@ -35,4 +36,6 @@ __all__ = [
     "robust_accuracy",
     "selection_rate",
     "worst_group_accuracy",
+    "clean_accuracy",
+    "defense_effectiveness_rate",
 ]
