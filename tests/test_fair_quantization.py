@@ -255,3 +255,41 @@ def test_extra_gradient_is_lam_times_the_term_gradient() -> None:
                             callbacks=[QuantizationAwareTraining(4, 4, calibrate_batches=2), before, fair, After()])
     trainer.fit(module, datamodule=dm)
     assert checks and max(checks) < 1e-4
+
+
+# -- the frozen teacher ------------------------------------------------------------------------
+
+
+def test_frozen_teacher_is_the_float_model_of_the_start_and_survives_a_resume() -> None:
+    import copy
+
+    from lightning_qsec.defenses.fair_quantization import group_kl, per_sample_kl
+
+    module = _quantized_mlp()
+    start = copy.deepcopy(module)
+    x, _, g = _batch()
+    frozen = FairQuantizationTraining(teacher="frozen", num_groups=2)
+    live = FairQuantizationTraining(teacher="live", num_groups=2)
+    frozen.on_train_start(None, module)  # snapshots the float weights
+    with torch.no_grad():  # "training" moves the weights
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    term, means, _ = frozen.compute_term(module, x, g)
+    with torch.no_grad():
+        with float_mode(start):
+            teacher = start(x)
+        expected, _ = group_kl(per_sample_kl(teacher, module(x), 2.0), g, 2)
+    assert torch.allclose(means.detach(), expected, rtol=1e-5, atol=1e-7)
+    live_term, _, _ = live.compute_term(module, x, g)
+    assert abs(float(live_term.detach()) - float(term.detach())) > 1e-3  # the live teacher moved with the weights
+    # saved and restored; a resumed run does not take a new snapshot
+    other = FairQuantizationTraining(teacher="frozen", num_groups=2)
+    other.load_state_dict(frozen.state_dict())
+    other.on_train_start(None, module)
+    assert other.teacher_params.keys() == frozen.teacher_params.keys()
+    assert all(torch.equal(other.teacher_params[k], frozen.teacher_params[k]) for k in frozen.teacher_params)
+    assert torch.equal(other.compute_term(module, x, g)[0].detach(), term.detach())
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        FairQuantizationTraining(teacher="ema")
+    with pytest.raises(ValueError, match="settings"):
+        live.load_state_dict(frozen.state_dict())

@@ -362,3 +362,25 @@ def test_held_out_sample_is_uniform_over_a_sorted_stream():
         kept[r.targets] += 1
     freq = kept / runs
     assert abs(freq[: n // 2].mean() - 0.1) < 0.01 and abs(freq[n // 2 :].mean() - 0.1) < 0.01
+
+
+@needs_adult
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overfit_adult_model_leaks_membership_to_the_loss_attack(seed):
+    """benchmarks/membership_inference.py's ``overfit`` model: 60 Adult rows memorised by a 512-512 MLP."""
+    pl.seed_everything(seed, verbose=False)
+    dm = AdultDataModule(batch_size=128, seed=seed, val_fraction=0.998)
+    module = ClassificationModule(TabularMLP(dm.num_features, hidden=(512, 512)), lr=3e-3)
+    mia = MembershipInferenceEvaluation(bit_widths=(8, 4), attacks=("loss",), bootstrap=200, seed=seed)
+    trainer = quiet_trainer(max_epochs=400, num_sanity_val_steps=0, limit_val_batches=0,
+                            callbacks=[QuantizationAwareTraining(4, 4), mia])
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm, verbose=False)
+    r = mia.results["test"]
+    assert r["members"] == 60 and r["nonmembers"] == 2000
+    for key in KEYS:
+        entry = r["float"] if key == "float" else r["precisions"][key]
+        auc = entry["attacks"]["loss"]["auc"]
+        assert entry["member_accuracy"] >= 0.98 and entry["generalization_gap"] > 0.1, key
+        assert auc["value"] >= 0.6 and auc["ci_low"] > 0.5, (key, auc)

@@ -15,9 +15,9 @@ Two hooks, by what the term depends on:
   unscaled the gradients, and before gradient clipping (which then clips the total).
   The weights are identical on every DDP rank, so is the extra gradient: no
   communication.
-* **Data-dependent terms** (gradient-L1) run in ``on_after_backward``, once per
-  micro-batch, on that micro-batch; the extra gradient is scaled by
-  ``1 / trainer.accumulate_grad_batches`` (as Lightning scales the loss), by the AMP
+* **Data-dependent terms** (:class:`BatchRegularizer`: gradient-L1, fair QAT) run in
+  ``on_after_backward``, once per micro-batch, on that micro-batch; the extra gradient
+  is scaled by ``1 / trainer.accumulate_grad_batches`` (as Lightning scales the loss), by the AMP
   loss scale when a ``GradScaler`` is active (the ``.grad`` are still scaled then), and
   averaged over DDP ranks (as DDP averages the loss gradient).
 
@@ -58,6 +58,7 @@ __all__ = [
     "CoefficientLike",
     "Regularizer",
     "WeightRegularizer",
+    "BatchRegularizer",
     "add_to_grad",
     "regularized_weights",
 ]
@@ -315,3 +316,82 @@ class WeightRegularizer(Regularizer):
                 grads = torch.autograd.grad(coefficient * self.factor * value, weights)
                 add_to_grad(weights, grads)
         self.log_term(pl_module, value, coefficient)
+
+
+class BatchRegularizer(Regularizer):
+    """A term that depends on the training batch, added in ``on_after_backward``.
+
+    The batch is held from ``on_train_batch_start`` (as :meth:`hold_batch` returns it) to
+    ``on_train_batch_end``. After the user's backward, :meth:`batch_term` computes the
+    term on it, differentiable in the parameters; ``coefficient * term`` is
+    differentiated w.r.t. every trainable parameter, scaled by
+    ``1 / accumulate_grad_batches`` and the AMP loss scale, averaged over DDP ranks and
+    added to ``.grad``. The extra passes run with gradients on (also under
+    ``inference_mode``), with a forked RNG and with running statistics preserved
+    (:func:`preserved_running_state`). Subclasses implement :meth:`batch_term` and may
+    override :meth:`hold_batch` and :meth:`log_batch_term`.
+
+    Example:
+        >>> class LogitL2(BatchRegularizer):
+        ...     name = "logit_l2"
+        ...     def batch_term(self, trainer, pl_module, held):
+        ...         return pl_module(held[0].to(pl_module.device)).pow(2).mean()
+        >>> LogitL2(1e-3).coefficient
+        0.001
+    """
+
+    _batch: Any = None
+
+    def hold_batch(self, batch: Any) -> Any:
+        """What ``on_after_backward`` gets of ``batch`` (checked here, early); default the batch."""
+        return batch
+
+    def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor | None:
+        """The term on the held batch (a differentiable scalar), or None to add nothing."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def log_batch_term(self, pl_module: pl.LightningModule, value: Tensor, coefficient: float) -> None:
+        """Log the term (before the coefficient); default :meth:`Regularizer.log_term`."""
+        self.log_term(pl_module, value, coefficient)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = self.hold_batch(batch)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._batch = None
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batch is None:
+            return
+        coefficient = self.coefficient_at(trainer)
+        if coefficient == 0:
+            return
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if not params or all(p.grad is None for p in params):
+            return  # the user's step skipped backward
+        scale = coefficient / trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale *= float(scaler.get_scale())
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.inference_mode(False), torch.enable_grad(), preserved_running_state(pl_module):
+            with torch.random.fork_rng(devices=devices):
+                term = self.batch_term(trainer, pl_module, self._batch)
+                if term is None:
+                    return
+                extra = torch.autograd.grad(scale * term, params, allow_unused=True)
+        used = [(p, g.detach()) for p, g in zip(params, extra) if g is not None]
+        if trainer.world_size > 1 and used:
+            # Data-dependent: average over ranks, as DDP averages the loss gradient. Every rank
+            # runs the same graph, so the same parameters are used on all of them.
+            flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for _, g in used]), reduce_op="mean")
+            used = [(p, g.view_as(p)) for (p, _), g in zip(used, torch.split(flat, [p.numel() for p, _ in used]))]
+        add_to_grad([p for p, _ in used], [g for _, g in used])
+        self.log_batch_term(pl_module, term.detach(), coefficient)

@@ -8,22 +8,20 @@ from typing import Any, ClassVar, Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
-from lightning_qsec.defenses._regularizer import (
-    CoefficientLike,
-    Regularizer,
-    add_to_grad,
-    preserved_running_state,
-)
+from lightning_qsec.defenses._regularizer import BatchRegularizer, CoefficientLike
 from lightning_qsec.quant.inspect import is_quantized
 from lightning_qsec.quant.precision import float_mode
 
-__all__ = ["FairQuantizationTraining", "FairQATMode", "per_sample_kl", "group_kl"]
+__all__ = ["FairQuantizationTraining", "FairQATMode", "FairQATTeacher", "per_sample_kl", "group_kl"]
 
 FairQATMode = Literal["balanced_distillation", "group_dro"]
 _MODES = ("balanced_distillation", "group_dro")
+FairQATTeacher = Literal["live", "frozen"]
+_TEACHERS = ("live", "frozen")
 
 
 def per_sample_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
@@ -49,7 +47,7 @@ def group_kl(kl: Tensor, groups: Tensor, num_groups: int) -> tuple[Tensor, Tenso
     return sums / counts.clamp_min(1), present
 
 
-class FairQuantizationTraining(Regularizer):
+class FairQuantizationTraining(BatchRegularizer):
     """Distil the quantized model from its own float self, each sensitive group weighted equally.
 
     Quantization does not cost every group the same: compression concentrates its
@@ -59,8 +57,8 @@ class FairQuantizationTraining(Regularizer):
     ("Understanding the Unfairness in Network Quantization", ICML 2025). This callback,
     used together with :class:`~lightning_qsec.callbacks.QuantizationAwareTraining`
     (listed before it), adds to the user's objective a term that pulls the quantized
-    model's predictions toward the float model's (the same weights with every
-    quantizer off, :func:`~lightning_qsec.quant.float_mode`), group by group:
+    model's predictions toward the float model's (the module with every quantizer off,
+    :func:`~lightning_qsec.quant.float_mode`), group by group:
 
     * per sample ``i``: ``kl_i = T**2 * KL(softmax(f(x_i) / T) || softmax(q(x_i) / T))``,
       ``f`` the float teacher (no gradient), ``q`` the quantized student, ``T``
@@ -78,6 +76,13 @@ class FairQuantizationTraining(Regularizer):
       groups count 0), so the group whose divergence stays largest gets the most
       weight. The weights are in :meth:`state_dict`.
 
+    The float teacher (``teacher``): ``"live"``, the module's current weights with
+    quantization off (they move with training; use it when QAT starts from scratch), or
+    ``"frozen"``, the float weights as they were when training started, kept in
+    :attr:`teacher_params` (and in :meth:`state_dict`, so a resume keeps them): the
+    float model that QAT fine-tunes toward int4, whose predictions are the reference.
+    Only parameters are frozen; buffers (BatchNorm statistics) are the live ones.
+
     The objective becomes ``user loss + lam * term``. The user's module, loss and
     ``forward`` do not change: the term's gradient is added to ``.grad`` in
     ``on_after_backward`` (:mod:`lightning_qsec.defenses._regularizer`), scaled by
@@ -87,7 +92,8 @@ class FairQuantizationTraining(Regularizer):
     weights. The two extra forwards (teacher and student) run in the train/eval mode
     of training, under the precision plugin's autocast, with a forked RNG, and leave
     BatchNorm running statistics and Brevitas activation statistics still being
-    collected as they were. Cost: two extra forwards and one extra backward per batch.
+    collected as they were (:class:`~lightning_qsec.defenses._regularizer.BatchRegularizer`).
+    Cost: two extra forwards and one extra backward per batch.
 
     Groups are read from the batch by ``batch_adapter`` (default
     :func:`~lightning_qsec.read_batch`: ``(x, y, group)`` or a dict with a group key);
@@ -108,6 +114,7 @@ class FairQuantizationTraining(Regularizer):
             ``max label + 1`` of the first batch (``group_dro`` then refuses a later,
             larger label).
         dro_step: exponentiated-gradient step size of ``group_dro``, ``> 0``.
+        teacher: ``"live"`` or ``"frozen"`` (see above).
         batch_adapter: reads a batch into a :class:`~lightning_qsec.Batch` with groups.
 
     Raises:
@@ -120,6 +127,8 @@ class FairQuantizationTraining(Regularizer):
         >>> from lightning_qsec.defenses import FairQuantizationTraining
         >>> trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
         ...                      callbacks=[QuantizationAwareTraining(4, 4), FairQuantizationTraining(lam=1.0)])
+        >>> # QAT fine-tuning of a trained float model toward int4, distilled from that float model:
+        >>> fair = FairQuantizationTraining(lam=3.0, teacher="frozen")
     """
 
     name: ClassVar[str] = "fair_qat"
@@ -133,6 +142,7 @@ class FairQuantizationTraining(Regularizer):
         mode: FairQATMode = "balanced_distillation",
         num_groups: int | None = None,
         dro_step: float = 0.01,
+        teacher: FairQATTeacher = "live",
         batch_adapter: BatchAdapter | None = None,
     ) -> None:
         super().__init__(lam)
@@ -150,6 +160,8 @@ class FairQuantizationTraining(Regularizer):
             math.isfinite(dro_step) and dro_step > 0
         ):
             raise ValueError(f"dro_step must be a finite number > 0, got {dro_step!r}")
+        if teacher not in _TEACHERS:
+            raise ValueError(f"teacher must be one of {_TEACHERS}, got {teacher!r}")
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(
                 f"batch_adapter must be a callable batch -> lightning_qsec.Batch or None, got {batch_adapter!r}"
@@ -159,11 +171,12 @@ class FairQuantizationTraining(Regularizer):
         self.num_groups_arg = num_groups
         self.num_groups: int | None = num_groups
         self.dro_step = float(dro_step)
+        self.teacher: FairQATTeacher = teacher
+        self.teacher_params: dict[str, Tensor] | None = None
         self._read = adapter_or_default(batch_adapter)
         self.group_weights: Tensor | None = (
             torch.full((num_groups,), 1.0 / num_groups, dtype=torch.float64) if num_groups is not None else None
         )
-        self._batch: Any = None
 
     # ------------------------------------------------------------------ config / state
     def config(self) -> dict[str, Any]:
@@ -173,17 +186,26 @@ class FairQuantizationTraining(Regularizer):
             "mode": self.mode,
             "num_groups": self.num_groups_arg,
             "dro_step": self.dro_step,
+            "teacher": self.teacher,
         }
 
     def state_dict(self) -> dict[str, Any]:
         weights = None if self.group_weights is None else self.group_weights.clone()
-        return {"config": self.config(), "num_groups": self.num_groups, "group_weights": weights}
+        frozen = None if self.teacher_params is None else {k: v.cpu() for k, v in self.teacher_params.items()}
+        return {
+            "config": self.config(),
+            "num_groups": self.num_groups,
+            "group_weights": weights,
+            "teacher_params": frozen,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_groups = state_dict.get("num_groups", self.num_groups)
         weights = state_dict.get("group_weights")
         self.group_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64).clone()
+        frozen = state_dict.get("teacher_params")
+        self.teacher_params = None if frozen is None else {k: v.clone() for k, v in frozen.items()}
 
     # ------------------------------------------------------------------ the term
     def _set_num_groups(self, n: int) -> None:
@@ -213,14 +235,19 @@ class FairQuantizationTraining(Regularizer):
         """Per-group mean KL(teacher || student) on one batch, differentiable in the student.
 
         Returns ``(means (num_groups,), present (num_groups,) bool)``. The teacher is
-        ``pl_module`` inside :func:`~lightning_qsec.quant.float_mode`, without gradient; the
-        student is ``pl_module`` as it is (quantized).
+        ``pl_module`` inside :func:`~lightning_qsec.quant.float_mode`, without gradient, with
+        its current weights (``teacher="live"``, or before training starts) or with
+        :attr:`teacher_params` (``teacher="frozen"``); the student is ``pl_module`` as it is
+        (quantized).
         """
         if self.num_groups is None:
             self._set_num_groups(int(groups.max()) + 1 if len(groups) else 1)
         assert self.num_groups is not None
         with torch.no_grad(), float_mode(pl_module):
-            teacher = pl_module(inputs)
+            if self.teacher_params is None:
+                teacher = pl_module(inputs)
+            else:  # the frozen float weights in the same module (its buffers are the live ones)
+                teacher = functional_call(pl_module, self.teacher_params, (inputs,), strict=False)
         student = pl_module(inputs)
         for name, out in (("teacher", teacher), ("student", student)):
             if not isinstance(out, Tensor) or out.dim() != 2:
@@ -264,10 +291,12 @@ class FairQuantizationTraining(Regularizer):
                 "FairQuantizationTraining distils the quantized model from its float self and needs quantized "
                 "layers; add QuantizationAwareTraining to the callbacks, listed before FairQuantizationTraining"
             )
+        if self.teacher == "frozen":
+            if self.teacher_params is None:  # not restored from a checkpoint: the float weights of now
+                self.teacher_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.teacher_params = {k: v.to(pl_module.device) for k, v in self.teacher_params.items()}
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def hold_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
         read = self._read(batch)
         if read.groups is None:
             raise ValueError(
@@ -275,60 +304,34 @@ class FairQuantizationTraining(Regularizer):
                 f"{describe_batch(batch)} has none; use batches (x, y, group), a dict with a group key, or "
                 "batch_adapter= returning lightning_qsec.Batch(inputs, targets, groups)"
             )
-        groups = self._check_groups(read.groups, batch)
-        self._batch = (read.inputs, groups)
+        return read.inputs, self._check_groups(read.groups, batch)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch = None
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._batch = None
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batch is None:
-            return
-        coefficient = self.coefficient_at(trainer)
-        if coefficient == 0:
-            return
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        if not params or all(p.grad is None for p in params):
-            return
-        inputs, groups = self._batch
-        x = inputs.to(pl_module.device)
-        g = groups.to(pl_module.device)
+    def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor:
+        inputs, groups = held
+        x, g = inputs.to(pl_module.device), groups.to(pl_module.device)
         assert self.num_groups is not None
-        scale = coefficient / trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale *= float(scaler.get_scale())
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.inference_mode(False), torch.enable_grad(), preserved_running_state(pl_module):
-            with torch.random.fork_rng(devices=devices):
-                with trainer.precision_plugin.forward_context():
-                    means, present = self.group_divergence(pl_module, x, g)
-                if self.mode == "group_dro":
-                    # Sagawa et al., Algorithm 1: update the weights with this batch's group losses, then step.
-                    with torch.no_grad():
-                        counts = torch.bincount(g.long(), minlength=self.num_groups).to(means)
-                        sums, counts = means.detach() * counts, counts
-                        if trainer.world_size > 1:
-                            both = trainer.strategy.reduce(torch.cat([sums, counts]), reduce_op="sum")
-                            sums, counts = both[: self.num_groups], both[self.num_groups :]
-                        self.dro_update(sums / counts.clamp_min(1), counts > 0)
-                term = self.combine(means, present)
-                extra = torch.autograd.grad(scale * term, params, allow_unused=True)
-        used = [(p, e.detach()) for p, e in zip(params, extra) if e is not None]
-        if trainer.world_size > 1 and used:
-            flat = trainer.strategy.reduce(torch.cat([e.reshape(-1) for _, e in used]), reduce_op="mean")
-            used = [(p, e.view_as(p)) for (p, _), e in zip(used, torch.split(flat, [p.numel() for p, _ in used]))]
-        add_to_grad([p for p, _ in used], [e for _, e in used])
-        pl_module.log("qsec/fair_qat/kl", term.detach().float())
+        with trainer.precision_plugin.forward_context():
+            means, present = self.group_divergence(pl_module, x, g)
+        if self.mode == "group_dro":
+            # Sagawa et al., Algorithm 1: update the weights with this batch's group losses, then step.
+            with torch.no_grad():
+                counts = torch.bincount(g.long(), minlength=self.num_groups).to(means)
+                sums = means.detach() * counts
+                if trainer.world_size > 1:
+                    both = trainer.strategy.reduce(torch.cat([sums, counts]), reduce_op="sum")
+                    sums, counts = both[: self.num_groups], both[self.num_groups :]
+                self.dro_update(sums / counts.clamp_min(1), counts > 0)
+        self._logged = (means.detach(), present)
+        return self.combine(means, present)
+
+    def log_batch_term(self, pl_module: pl.LightningModule, value: Tensor, coefficient: float) -> None:
+        means, present = self._logged
+        pl_module.log("qsec/fair_qat/kl", value.float())
         pl_module.log("qsec/fair_qat/lam", float(coefficient))
+        assert self.num_groups is not None
         for k in range(self.num_groups):
             if bool(present[k]):
-                pl_module.log(f"qsec/fair_qat/kl_group{k}", means[k].detach().float())
+                pl_module.log(f"qsec/fair_qat/kl_group{k}", means[k].float())
             if self.mode == "group_dro":
                 assert self.group_weights is not None
                 pl_module.log(f"qsec/fair_qat/weight_group{k}", float(self.group_weights[k]))

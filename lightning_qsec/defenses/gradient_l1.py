@@ -11,19 +11,14 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
-from lightning_qsec.defenses._regularizer import (
-    CoefficientLike,
-    Regularizer,
-    add_to_grad,
-    preserved_running_state,
-)
+from lightning_qsec.defenses._regularizer import BatchRegularizer, CoefficientLike
 
 __all__ = ["GradientL1Regularization", "LossFn"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class GradientL1Regularization(Regularizer):
+class GradientL1Regularization(BatchRegularizer):
     """Penalize the L1 norm of the loss gradient w.r.t. the weights (double backprop).
 
     Alizadeh, Behboodi, van Baalen, Louizos, Blankevoort & Welling, "Gradient L1
@@ -96,54 +91,15 @@ class GradientL1Regularization(Regularizer):
             )
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
         self._read = adapter_or_default(batch_adapter)
-        self._batch: Any = None
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch = batch
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch = None
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batch is None:
-            return
-        coefficient = self.coefficient_at(trainer)
-        if coefficient == 0:
-            return
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        if all(p.grad is None for p in params):
-            return
-        batch = self._read(self._batch)
-        x = batch.inputs.to(pl_module.device)
-        y = batch.targets.to(pl_module.device)
+    def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor | None:
         weights = self.weights(pl_module)
         if not weights:  # every regularized weight is frozen
-            return
-        scale = coefficient / trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale *= float(scaler.get_scale())
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.inference_mode(False), torch.enable_grad(), preserved_running_state(pl_module):
-            with torch.random.fork_rng(devices=devices):
-                with trainer.precision_plugin.forward_context():
-                    loss = self.loss_fn(pl_module(x), y)
-                weight_grads = torch.autograd.grad(loss.float(), weights, create_graph=True)
-                value = torch.stack([g.abs().sum() for g in weight_grads]).sum()
-                extra = torch.autograd.grad(scale * value, params, allow_unused=True)
-        used = [(p, g.detach()) for p, g in zip(params, extra) if g is not None]
-        if trainer.world_size > 1 and used:
-            # Data-dependent: average over ranks, as DDP averages the loss gradient. Every rank
-            # runs the same graph, so the same parameters are used on all of them.
-            flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for _, g in used]), reduce_op="mean")
-            used = [(p, g.view_as(p)) for (p, _), g in zip(used, torch.split(flat, [p.numel() for p, _ in used]))]
-        params, extra = [p for p, _ in used], [g for _, g in used]
-        add_to_grad(params, extra)
-        self.log_term(pl_module, value, coefficient)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._batch = None
+            return None
+        batch = self._read(held)
+        x = batch.inputs.to(pl_module.device)
+        y = batch.targets.to(pl_module.device)
+        with trainer.precision_plugin.forward_context():
+            loss = self.loss_fn(pl_module(x), y)
+        weight_grads = torch.autograd.grad(loss.float(), weights, create_graph=True)
+        return torch.stack([g.abs().sum() for g in weight_grads]).sum()
