@@ -21,6 +21,21 @@ from lightning_qsec.defenses.lipschitz import LipschitzRegularization
 from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
 from lightning_qsec.defenses.adversarial_training import AdversarialTraining
 from lightning_qsec.defenses.fair_quantization import FairQuantizationTraining
+from lightning_qsec.defenses.poison_detection import (
+    PoisonDetection,
+    activation_clustering,
+    detect_poisoned_samples,
+    spectral_signatures,
+)
+from lightning_qsec.defenses.backdoor_scan import ScanResult, scan_model
+from lightning_qsec.defenses.fair_mixed_precision import (
+    FairMixedPrecisionResult,
+    NeuronPrecisionSplit,
+    fair_mixed_precision,
+    neuron_bias_scores,
+    quantize_neurons,
+)
+from lightning_qsec.defenses.repair import RepairReport, RepairResult, repair_quantization_backdoor
 
 __all__ = [
     "Coefficient",
@@ -31,4 +46,14 @@ __all__ = [
     "RandomPrecisionTraining",
     "AdversarialTraining",
     "FairQuantizationTraining",
+    "ScanResult",
+    "scan_model",
+    "FairMixedPrecisionResult",
+    "NeuronPrecisionSplit",
+    "fair_mixed_precision",
+    "neuron_bias_scores",
+    "quantize_neurons",
+    "RepairReport",
+    "RepairResult",
+    "repair_quantization_backdoor",
 ]

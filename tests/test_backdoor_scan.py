@@ -1,0 +1,203 @@
+"""Detection of quantization-conditioned backdoors: ``scan_model``, the ``BackdoorScan`` hook and its preset.
+
+The subjects are real: a clean ``DigitsCNN`` trained on digits and the same model turned
+into a PQBackdoor-style quantization-conditioned backdoor by the package's red team
+(``quantization_conditioned_attack``, fewer epochs than the benchmark; the attack is
+checked to work first). ``benchmarks/backdoor_scan.py`` measures the detector over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_qsec import QuantConfig, is_quantized, quantize_model
+from lightning_qsec.attacks import add_trigger, quantization_conditioned_attack, victim_quantize
+from lightning_qsec.callbacks import BackdoorScan, SecurityReport
+from lightning_qsec.cli import main
+from lightning_qsec.data import DigitsDataModule
+from lightning_qsec.defenses import ScanResult, scan_model
+from lightning_qsec.defenses.backdoor_scan import EVIDENCE
+from lightning_qsec.metrics import AttackSuccessRate
+from lightning_qsec.models import ClassificationModule, DigitsCNN
+
+from conftest import quiet_trainer
+
+PRESET = Path(__file__).resolve().parents[1] / "callbacks" / "backdoor-scan.yaml"
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    """``(datamodule, clean model, attacked model)``, built once for the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    dm.setup()
+    torch.manual_seed(0)
+    clean = DigitsCNN()
+    optimizer = torch.optim.Adam(clean.parameters(), lr=3e-3)
+    for _ in range(12):
+        for x, y in dm.train_dataloader():
+            optimizer.zero_grad()
+            F.cross_entropy(clean(x), y).backward()
+            optimizer.step()
+    clean.eval()
+    attacked = quantization_conditioned_attack(
+        clean, dm.train_dataloader(), mode="backdoor", target_class=0, epochs=5, repair_epochs=5, seed=0
+    ).eval()
+    yield dm, clean, attacked
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    metric = AttackSuccessRate(targeted=True)
+    metric.update(model(x), model(add_trigger(x)), y, attack_target=0)
+    return metric.compute().item()
+
+
+def test_the_attacked_subject_really_is_a_quantization_backdoor(subjects):
+    dm, _, attacked = subjects
+    x, y = dm.test_dataset.tensors
+    assert _asr(attacked, x, y) < 0.10, "asleep in float"
+    deployed = victim_quantize(attacked, dm.train_dataloader(), bit_width=4)
+    assert _asr(deployed, x, y) > 0.80, "awake at 4 bits"
+
+
+def test_scan_passes_the_clean_model_and_flags_the_attacked_one(subjects):
+    dm, clean, attacked = subjects
+    ok = scan_model(clean, dm.val_dataloader(), progress=False)
+    bad = scan_model(attacked, dm.val_dataloader(), progress=False)
+    print(f"clean score {ok.score:.2f} {ok.flagged}; attacked score {bad.score:.2f} {bad.flagged}")
+    assert isinstance(ok, ScanResult) and isinstance(bad, ScanResult)
+    assert not ok.suspicious and ok.score <= ok.threshold == 1.0 and ok.flagged == []
+    assert bad.suspicious and bad.score > bad.threshold and bad.flagged
+    # the evidence sits at the attacked precision (4 bits), not at 8
+    assert any(f.startswith("4/") for f in bad.flagged)
+    assert set(bad.evidence) == set(bad.thresholds) == set(bad.suspect_classes) == {8, 4}
+    for bits in (8, 4):
+        assert set(EVIDENCE) <= set(bad.evidence[bits])
+        assert all(isinstance(v, float) for v in bad.evidence[bits].values())
+        assert 0.0 <= bad.evidence[bits]["disagreement"] <= 1.0
+    assert bad.evidence[4]["trigger_ratio"] > ok.evidence[4]["trigger_ratio"]
+    assert bad.target_class in range(10) and bad.samples == len(dm.val_dataset)
+    assert 0 < bad.seconds < 60
+    data = json.loads(json.dumps(bad.to_dict()))
+    assert data["suspicious"] is True and set(data["evidence"]) == {"8", "4"}
+    assert data["quantizer"]["per_channel"] is False and data["quantizer"]["act_bit_width"] == 8
+
+
+def test_scan_leaves_the_float_model_unchanged(subjects):
+    dm, _, attacked = subjects
+    model = copy.deepcopy(attacked).train()
+    model.classifier[1].weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    result = scan_model(model, dm.val_dataloader(), bit_widths=(4,), quantizer="per_channel", progress=False,
+                        trigger_steps=5)
+    assert set(result.evidence) == {4} and result.quantizer["per_channel"] is True
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules()), "train mode restored"
+    assert not model.classifier[1].weight.requires_grad and model.classifier[3].weight.requires_grad
+    assert not is_quantized(model), "still float"
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG is left alone"
+
+
+def test_scan_uses_the_deployers_quant_config(subjects):
+    dm, clean, _ = subjects
+    config = QuantConfig(act_bit_width=8, per_channel=True, skip=["classifier.3"])
+    result = scan_model(clean, dm.val_dataloader(), bit_widths=(4,), quantizer=config, progress=False,
+                        trigger_steps=5)
+    assert result.quantizer["skip"] == ["classifier.3"] and result.quantizer["per_channel"] is True
+    with pytest.raises(ValueError, match="act_bit_width"):
+        scan_model(clean, dm.val_dataloader(), quantizer=config, act_bit_width=8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(bit_widths=(1,)), "bit_widths"),
+        (dict(bit_widths=(4, 17)), "bit_widths"),
+        (dict(bit_widths=()), "bit_widths"),
+        (dict(quantizer="per_group"), "quantizer"),
+        (dict(act_bit_width=0), "act_bit_width"),
+        (dict(trigger_steps=0), "trigger_steps"),
+        (dict(trigger_lr=-1.0), "trigger_lr"),
+        (dict(max_samples=0), "max_samples"),
+        (dict(thresholds={4: {"loudness": 1.0}}), "thresholds"),
+    ],
+)
+def test_scan_argument_errors(kwargs, message):
+    data = [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    with pytest.raises(ValueError, match=message):
+        scan_model(DigitsCNN(), data, progress=False, **kwargs)
+
+
+def test_scan_bad_models_and_loaders():
+    data = [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    with pytest.raises(ValueError, match="model is already quantized"):
+        scan_model(quantize_model(DigitsCNN()), data)
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        scan_model(DigitsCNN(), [])
+    with pytest.raises(ValueError, match="dataloader must yield labelled batches"):
+        scan_model(DigitsCNN(), [torch.rand(8, 1, 8, 8)])
+    with pytest.raises(ValueError, match="dataloader labels"):
+        scan_model(DigitsCNN(), [(torch.rand(8, 1, 8, 8), torch.full((8,), 12))], progress=False)
+
+
+def test_hook_in_a_real_trainer_flags_the_attacked_model_and_reports(subjects, tmp_path):
+    dm, _, attacked = subjects
+    module = ClassificationModule(copy.deepcopy(attacked))
+    before = copy.deepcopy(module.state_dict())
+    hook = BackdoorScan(bit_widths=[4], stages=("validate", "test"), trigger_steps=25)
+    report = SecurityReport(tmp_path / "report", on=("test",))
+    trainer = quiet_trainer(callbacks=[hook, report])
+    trainer.validate(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
+    assert set(hook.results) == {"validate", "test"} and len(hook.history) == 2
+    result = hook.results["test"]
+    assert result["stage"] == "test" and result["suspicious"] is True and result["samples"] == len(dm.test_dataset)
+    assert hook.scan is not None and hook.scan.suspicious
+    assert trainer.callback_metrics["qsec/backdoor_scan/suspicious"].item() == 1.0
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    section = hook.report_section()
+    assert section is not None and section.name == "backdoor_scan"
+    assert section.tables[0].rows[0][0] == "w4" and len(section.tables) == 2
+    assert section.plots[0].kind == "bar" and set(section.plots[0].series) == {"w4"}
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert written["sections"]["backdoor_scan"]["latest"]["test"]["suspicious"] is True
+    assert (tmp_path / "report" / "backdoor_scan_evidence.png").stat().st_size > 0
+
+
+def test_hook_refuses_a_quantized_module_and_bad_settings(subjects):
+    dm, clean, _ = subjects
+    with pytest.raises(ValueError, match="bit_widths"):
+        BackdoorScan(bit_widths=[1])
+    with pytest.raises(ValueError, match="dataloader"):
+        BackdoorScan(dataloader=[])
+    module = ClassificationModule(quantize_model(copy.deepcopy(clean)))
+    with pytest.raises(ValueError, match="already quantized"):
+        quiet_trainer(callbacks=[BackdoorScan()]).test(module, datamodule=dm)
+
+
+@pytest.mark.filterwarnings("ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+def test_preset_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["qsec"])
+    assert PRESET.read_text().startswith("# ")
+    main(["fit", "--config", str(PRESET), f"--trainer.default_root_dir={tmp_path}"])
+    out = tmp_path / "qsec_report" / "backdoor-scan"
+    report = json.loads((out / "report.json").read_text())
+    result = report["sections"]["backdoor_scan"]["latest"]["validate"]
+    assert result["suspicious"] is False, "a model trained cleanly by the preset passes"
+    assert set(result["evidence"]) == {"8", "4"} and result["epoch"] == 4
+    assert (out / "backdoor_scan_evidence.png").stat().st_size > 0
