@@ -26,7 +26,7 @@ from lightning_qsec.defenses import (
 from lightning_qsec.defenses._regularizer import Coefficient, preserved_running_state, regularized_weights
 from lightning_qsec.defenses.kurtosis import kurtosis
 from lightning_qsec.defenses.lipschitz import orthogonality_penalty
-from lightning_qsec.quant.amplification import error_amplification, error_amplification_ratio
+from lightning_qsec.quant.amplification import amplification_profile, error_amplification, error_amplification_ratio
 from lightning_qsec.quant.inspect import stat_scalers
 
 EPOCHS = 2
@@ -391,6 +391,62 @@ def test_error_amplification_definition() -> None:
     assert net.training and [s.counter for _, s in stat_scalers(net)] == counters
     with pytest.raises(ValueError, match="no quantized layers"):
         error_amplification_ratio(nn.Flatten(), x, eps=0.1)
+
+
+class _Reversed(nn.Module):
+    """Two linear layers defined in the opposite order to the one the forward pass uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = nn.Linear(32, 10)
+        self.first = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.first(x.flatten(1))))
+
+
+def test_amplification_profile_is_the_normalized_distance_at_every_layer() -> None:
+    torch.manual_seed(0)
+    net = _Reversed()
+    x = torch.rand(16, 1, 8, 8)
+    profile = amplification_profile(net, x, eps=0.05, perturbation="random", seed=3)
+    assert list(profile) == ["input", "first", "last", "output"]  # forward order, not definition order
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).sign()
+    adv = torch.clamp(x + 0.05 * noise, 0.0, 1.0)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.flatten(1), b.flatten(1)
+        return float(((b - a).norm(dim=1) / a.norm(dim=1)).mean())
+
+    with torch.no_grad():
+        h, h_adv = net.first(x.flatten(1)), net.first(adv.flatten(1))
+        expected = {"input": rel(x, adv), "first": rel(h, h_adv), "last": rel(net(x), net(adv))}
+    expected["output"] = expected["last"]
+    assert profile == pytest.approx(expected, rel=1e-5)
+    assert profile["output"] / profile["input"] == pytest.approx(
+        error_amplification(net, x, eps=0.05, perturbation="random", seed=3), rel=1e-5
+    )
+
+
+def test_amplification_profile_of_a_quantized_model_leaves_it_as_it_was() -> None:
+    pl.seed_everything(0, verbose=False)
+    net = quantize_model(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), weight_bit_width=4, act_bit_width=4
+    )
+    x, y = _val_batch()
+    calibrate(net, [(x, y)], num_batches=1)
+    net.train()
+    counters = [s.counter for _, s in stat_scalers(net)]
+    profile = amplification_profile(net, x[:64], eps=0.1, targets=y[:64])
+    assert list(profile) == ["input", "1", "3", "output"]
+    assert all(v > 0 for v in profile.values())
+    assert profile["output"] / profile["input"] == pytest.approx(
+        error_amplification(net, x[:64], eps=0.1, targets=y[:64]), rel=1e-5
+    )
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert [s.counter for _, s in stat_scalers(net)] == counters
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        amplification_profile(net, x, eps=0.0)
 
 
 @pytest.mark.parametrize(
