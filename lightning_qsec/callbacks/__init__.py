@@ -1,5 +1,6 @@
-"""Lightning callbacks: QAT, precision sweeps and the security report."""
+"""Lightning callbacks: QAT, precision sweeps, evaluation hooks, backdoor scan and repair, the security report."""
 
+from lightning_qsec.callbacks.backdoor_repair import QuantizationBackdoorRepair
 from lightning_qsec.callbacks.backdoor_scan import BackdoorScan
 from lightning_qsec.callbacks.fairness_evaluation import FairnessEvaluation
 from lightning_qsec.callbacks.membership_inference import MembershipInferenceEvaluation
@@ -8,6 +9,15 @@ from lightning_qsec.callbacks.precision_sweep import PrecisionSweep
 from lightning_qsec.callbacks.qat import QuantizationAwareTraining
 from lightning_qsec.callbacks.robustness_evaluation import RobustnessEvaluation
 from lightning_qsec.callbacks.security_report import SecurityReport
-from lightning_qsec.callbacks.backdoor_repair import QuantizationBackdoorRepair
 
-__all__ = ["BackdoorScan", "FairnessEvaluation", "MembershipInferenceEvaluation", "PoisonedDataDetection", "PrecisionSweep", "QuantizationAwareTraining", "RobustnessEvaluation", "SecurityReport", "QuantizationBackdoorRepair"]
+__all__ = [
+    "BackdoorScan",
+    "FairnessEvaluation",
+    "MembershipInferenceEvaluation",
+    "PoisonedDataDetection",
+    "PrecisionSweep",
+    "QuantizationAwareTraining",
+    "QuantizationBackdoorRepair",
+    "RobustnessEvaluation",
+    "SecurityReport",
+]

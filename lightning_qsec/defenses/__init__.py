@@ -8,6 +8,16 @@
   (Shkolnik et al., NeurIPS 2020).
 * :class:`RandomPrecisionTraining`: every step at a random precision, optionally with
   switchable BatchNorm (Double-Win Quant, Fu et al., ICML 2021).
+* :class:`AdversarialTraining`: PGD, fast (FGSM + random start) or TRADES adversarial training.
+* :class:`FairQuantizationTraining`: group-balanced distillation from the float model.
+
+Functions (no Lightning needed):
+
+* :func:`fair_mixed_precision`: FairQuanti-style neuron-level mixed-precision PTQ.
+* :func:`scan_model`: scan a float model for quantization-conditioned backdoors.
+* :func:`repair_quantization_backdoor`: remove them on the deployer's own grid.
+* :func:`activation_clustering`, :func:`spectral_signatures`, :func:`detect_poisoned_samples`:
+  find poisoned training samples from a model's features.
 
 The regularizers share one mechanism (:mod:`lightning_qsec.defenses._regularizer`):
 the term's gradient is added to ``.grad`` by an extra ``torch.autograd.grad``, and the
@@ -56,4 +66,8 @@ __all__ = [
     "RepairReport",
     "RepairResult",
     "repair_quantization_backdoor",
+    "PoisonDetection",
+    "activation_clustering",
+    "detect_poisoned_samples",
+    "spectral_signatures",
 ]
