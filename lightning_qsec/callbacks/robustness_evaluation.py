@@ -22,6 +22,7 @@ from lightning_qsec.callbacks._masking import effective_tolerance, masking_flags
 from lightning_qsec.callbacks._evaluation_hook import STAGES, EvaluationCallback, Stage
 from lightning_qsec.callbacks._target import quantized_target
 from lightning_qsec.metrics import AttackSuccessRate, RobustAccuracy
+from lightning_qsec.quant.amplification import amplification_terms
 from lightning_qsec.quant.precision import at_precision, float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 from lightning_qsec.report.section import Plot, ReportSection, Table
@@ -30,7 +31,6 @@ __all__ = ["RobustnessEvaluation"]
 
 AttackName = Literal["fgsm", "pgd", "apgd"]
 ATTACK_NAMES: tuple[str, ...] = get_args(AttackName)
-_TINY = 1e-12
 
 
 class _Ratio(Metric):
@@ -290,18 +290,6 @@ class RobustnessEvaluation(EvaluationCallback):
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return grad.flatten(1).abs().amax(1) <= torch.finfo(grad.dtype).tiny
 
-    def _amplification_terms(self, model: nn.Module, x: Tensor, y: Tensor, adv: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample normalized output and input distances (Defensive Quantization), kept samples only."""
-        with attack_mode(model), torch.no_grad():
-            x, adv = as_attack_tensor(x), as_attack_tensor(adv)
-            clean, noisy = model(x).flatten(1).float(), model(adv).flatten(1).float()
-        x, adv = x.flatten(1).float(), adv.flatten(1).float()
-        d_in = (adv - x).norm(dim=1)
-        keep = d_in > 0
-        rel_in = d_in[keep] / x[keep].norm(dim=1).clamp_min(_TINY)
-        rel_out = (noisy - clean)[keep].norm(dim=1) / clean[keep].norm(dim=1).clamp_min(_TINY)
-        return rel_out, rel_in
-
     def _configs(self, model: nn.Module) -> Iterator[tuple[str, Precision | None, Callable[[], AbstractContextManager[Any]]]]:
         yield "float", None, lambda: float_mode(model)
         for p in self.precisions:
@@ -344,7 +332,7 @@ class RobustnessEvaluation(EvaluationCallback):
                 if self.amplification:
                     if fgsm_mid is None:
                         fgsm_mid = fgsm(model, x, y, eps=mid, clip_min=self.clip_min, clip_max=self.clip_max)
-                    terms = self._amplification_terms(model, x, y, fgsm_mid)
+                    terms = amplification_terms(model, x, fgsm_mid)
                     if precision is None:
                         float_amp = terms
                     else:

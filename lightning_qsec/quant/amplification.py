@@ -52,10 +52,17 @@ from torch import Tensor, nn
 
 from lightning_qsec.quant.precision import float_mode, require_quantized
 
-__all__ = ["Perturbation", "amplification_profile", "error_amplification", "error_amplification_ratio"]
+__all__ = [
+    "Perturbation",
+    "amplification_profile",
+    "amplification_terms",
+    "error_amplification",
+    "error_amplification_ratio",
+]
 
 Perturbation = Literal["fgsm", "random"]
 _TINY = 1e-12
+_ALL_CLIPPED = "every perturbation was clipped to zero by the input domain; check eps and clip_min/clip_max"
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
@@ -117,10 +124,24 @@ def _relative(clean: Tensor, noisy: Tensor, keep: Tensor) -> Tensor:
 def _kept(x: Tensor, adv: Tensor) -> Tensor:
     keep = (adv - x).flatten(1).norm(dim=1) > 0
     if not bool(keep.any()):
-        raise ValueError(
-            "every perturbation was clipped to zero by the input domain; check eps and clip_min/clip_max"
-        )
+        raise ValueError(_ALL_CLIPPED)
     return keep
+
+
+def amplification_terms(model: nn.Module, inputs: Tensor, adversarial: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample normalized output and input distances of Defensive Quantization.
+
+    Returns ``(||f(x') - f(x)||_2 / ||f(x)||_2, ||x' - x||_2 / ||x||_2)`` for the samples whose
+    perturbation survived clipping (possibly none), with ``model`` run in eval mode and its
+    statistics untouched. Their mean ratio is :func:`error_amplification`.
+    """
+    from lightning_qsec.attacks._context import as_attack_tensor, attack_mode
+
+    with attack_mode(model), torch.no_grad():
+        x, adv = as_attack_tensor(inputs), as_attack_tensor(adversarial)
+        clean, noisy = model(x), model(adv)
+    keep = (adv - x).flatten(1).norm(dim=1) > 0
+    return _relative(clean, noisy, keep), _relative(x, adv, keep)
 
 
 def _amplification(
@@ -133,15 +154,10 @@ def _amplification(
     clip_max: float,
     seed: int,
 ) -> float:
-    from lightning_qsec.attacks._context import as_attack_tensor, attack_mode
-
     adv = _perturb(model, inputs, targets, eps, perturbation, clip_min, clip_max, seed)
-    with attack_mode(model), torch.no_grad():
-        x = as_attack_tensor(inputs)
-        adv = as_attack_tensor(adv)
-        clean, noisy = model(x), model(adv)
-    keep = _kept(x, adv)
-    rel_in, rel_out = _relative(x, adv, keep), _relative(clean, noisy, keep)
+    rel_out, rel_in = amplification_terms(model, inputs, adv)
+    if rel_in.numel() == 0:
+        raise ValueError(_ALL_CLIPPED)
     return float(rel_out.mean() / rel_in.mean().clamp_min(_TINY))
 
 
