@@ -30,3 +30,16 @@ def check_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> in
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def check_number(
+    value: Any, name: str, *, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> float:
+    """Return ``value`` as a float if it is a finite number in the interval, else raise ``ValueError``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"{name} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}")
+    return float(value)

@@ -19,7 +19,7 @@ images are ``(..., H, W)`` tensors (typically ``(N, C, H, W)`` in ``[0, 1]``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
@@ -30,10 +30,20 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_qsec.data._tensor_datamodule import TensorDataModule
 
-__all__ = ["PoisonedData", "PoisonedDataModule", "TriggerPosition", "add_trigger", "poison_dataset"]
+__all__ = [
+    "PoisonedData",
+    "PoisonedDataModule",
+    "Trigger",
+    "TriggerPosition",
+    "add_trigger",
+    "poison_dataset",
+    "trigger_function",
+]
 
 TriggerPosition = Literal["bottom_right", "top_left"]
 POSITIONS: tuple[str, ...] = get_args(TriggerPosition)
+#: A trigger argument: ``None`` (BadNets' 2x2 white patch), a patch tensor, or a callable on a batch.
+Trigger = Tensor | Callable[[Tensor], Tensor] | None
 
 
 def _check_patch(trigger: Tensor | None, size: Any, value: Any, position: Any) -> None:
@@ -103,6 +113,22 @@ def add_trigger(
     cols = slice(width - pw, width) if position == "bottom_right" else slice(0, pw)
     out[..., rows, cols] = patch
     return out
+
+
+def trigger_function(trigger: Trigger) -> Callable[[Tensor], Tensor]:
+    """The callable that stamps ``trigger`` on a batch of inputs (see :data:`Trigger`)."""
+    if trigger is None:
+        return add_trigger
+    if isinstance(trigger, Tensor):
+        patch = trigger
+        _check_patch(patch, 2, 1.0, "bottom_right")
+        return lambda x: add_trigger(x, trigger=patch)
+    if callable(trigger):
+        return trigger
+    raise ValueError(
+        "trigger must be None (a 2x2 white patch in the bottom-right corner), a patch tensor (h, w) or "
+        f"(C, h, w), or a callable mapping a batch of inputs to triggered inputs, got {type(trigger).__name__}"
+    )
 
 
 class PoisonedData(NamedTuple):

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
@@ -70,12 +70,20 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from lightning_qsec._validation import check_bit_width, check_positive_int
-from lightning_qsec.attacks.poisoning import _check_patch, add_trigger
+from lightning_qsec._validation import check_bit_width, check_number, check_positive_int
+from lightning_qsec.attacks.poisoning import Trigger, trigger_function
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.convert import WEIGHT_LAYERS, quantize_model
 from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.weight_grid import (
+    WeightQuantizer,
+    check_weight_quantizer,
+    fake_quantize,
+    integer_grid,
+    max_abs,
+    weight_layers,
+)
 
 __all__ = [
     "AttackMode",
@@ -86,37 +94,7 @@ __all__ = [
 ]
 
 AttackMode = Literal["indiscriminate", "targeted", "backdoor"]
-WeightQuantizer = Literal["per_tensor", "per_channel"]
 MODES: tuple[str, ...] = get_args(AttackMode)
-QUANTIZERS: tuple[str, ...] = get_args(WeightQuantizer)
-Trigger = Tensor | Callable[[Tensor], Tensor] | None
-_TINY = torch.finfo(torch.float32).tiny
-
-
-# -- the deployer's weight arithmetic -----------------------------------------------------
-def _max_abs(weight: Tensor, per_channel: bool) -> Tensor:
-    """Max-abs statistic: per tensor (0-d), or per output channel (shaped to broadcast)."""
-    if per_channel:
-        return weight.abs().amax(dim=tuple(range(1, weight.ndim)), keepdim=True)
-    return weight.abs().max()
-
-
-def _grid(weight: Tensor, bits: int, per_channel: bool) -> tuple[Tensor, Tensor, int]:
-    """``(scale, integer weights, qmax)`` as Brevitas' max-abs signed narrow-range quantizer computes them."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = (_max_abs(weight, per_channel) / qmax).clamp_min(_TINY)
-    return scale, torch.clamp(torch.round(weight / scale), -qmax, qmax), qmax
-
-
-def _fake_quantize(weight: Tensor, bits: int, per_channel: bool) -> Tensor:
-    """Quantize-dequantize with a straight-through gradient."""
-    scale, integers, _ = _grid(weight, bits, per_channel)
-    return weight + (integers * scale - weight).detach()
-
-
-def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers :func:`~lightning_qsec.quantize_model` swaps (exact types)."""
-    return [(name, m) for name, m in model.named_modules() if type(m) in WEIGHT_LAYERS]
 
 
 Combo = tuple[int, bool]  # (bit width, per_channel)
@@ -124,8 +102,8 @@ Combo = tuple[int, bool]  # (bit width, per_channel)
 
 def _integers(model: nn.Module, combos: Sequence[Combo]) -> dict[tuple[str, Combo], Tensor]:
     return {
-        (name, combo): _grid(layer.weight.detach(), combo[0], combo[1])[1]
-        for name, layer in _quant_layers(model)
+        (name, combo): integer_grid(layer.weight.detach(), combo[0], combo[1])[1]
+        for name, layer in weight_layers(model)
         for combo in combos
     }
 
@@ -137,13 +115,13 @@ def _boxes(weight: Tensor, combos: Sequence[Combo], margin: float) -> tuple[Tens
     raw_low, raw_high = low.clone(), high.clone()
     frozen = torch.zeros_like(weight, dtype=torch.bool)
     for bits, per_channel in combos:
-        scale, integers, qmax = _grid(weight, bits, per_channel)
+        scale, integers, qmax = integer_grid(weight, bits, per_channel)
         bound = (scale * qmax).expand_as(weight)
         low = torch.maximum(low, torch.maximum((integers - 0.5 + margin) * scale, -bound))
         high = torch.minimum(high, torch.minimum((integers + 0.5 - margin) * scale, bound))
         raw_low = torch.maximum(raw_low, torch.maximum((integers - 0.5) * scale, -bound))
         raw_high = torch.minimum(raw_high, torch.minimum((integers + 0.5) * scale, bound))
-        frozen |= weight.abs() >= _max_abs(weight, per_channel)
+        frozen |= weight.abs() >= max_abs(weight, per_channel)
     # The shrunk boxes of two grids may not overlap: fall back to the middle of the raw
     # intersection, which holds the current weight and lies inside every cell.
     empty = low > high
@@ -200,7 +178,7 @@ def victim_quantize(
         raise ValueError("model is already quantized; victim_quantize expects the float model an attacker publishes")
     bits = check_bit_width(bit_width, "bit_width")
     acts = check_bit_width(act_bit_width, "act_bit_width")
-    _check_quantizer(quantizer)
+    check_weight_quantizer(quantizer)
     with torch.inference_mode(False):
         deployed = quantize_model(
             copy.deepcopy(model), weight_bit_width=bits, act_bit_width=acts, per_channel=quantizer == "per_channel"
@@ -210,42 +188,10 @@ def victim_quantize(
 
 
 # -- argument checks ---------------------------------------------------------------------------
-def _check_quantizer(quantizer: Any) -> WeightQuantizer:
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {', '.join(repr(q) for q in QUANTIZERS)}, got {quantizer!r}")
-    return quantizer  # type: ignore[no-any-return]
-
-
-def _check_number(value: Any, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                  high_open: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
-        raise ValueError(f"{name} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}")
-    return float(value)
-
-
 def _check_sequence(values: Any, name: str) -> list[Any]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
         raise ValueError(f"{name} must be a non-empty sequence, got {values!r}")
     return list(dict.fromkeys(values))
-
-
-def _trigger_fn(trigger: Trigger) -> Callable[[Tensor], Tensor]:
-    if trigger is None:
-        return add_trigger
-    if isinstance(trigger, Tensor):
-        patch = trigger
-        _check_patch(patch, 2, 1.0, "bottom_right")
-        return lambda x: add_trigger(x, trigger=patch)
-    if callable(trigger):
-        return trigger
-    raise ValueError(
-        "trigger must be None (a 2x2 white patch in the bottom-right corner), a patch tensor (h, w) or "
-        f"(C, h, w), or a callable mapping a batch of inputs to triggered inputs, got {type(trigger).__name__}"
-    )
 
 
 @contextmanager
@@ -367,33 +313,33 @@ def quantization_conditioned_attack(
             "model is already quantized; the attack starts from the float model (plain nn.Conv/nn.Linear "
             "layers) that the victim will quantize"
         )
-    if not _quant_layers(model):
+    if not weight_layers(model):
         raise ValueError(
             f"model has no {'/'.join(t.__name__ for t in WEIGHT_LAYERS)} layer: nothing the victim's "
             "quantize_model would quantize"
         )
     bits_list = [check_bit_width(b, "bit_widths entry") for b in _check_sequence(bit_widths, "bit_widths")]
-    quant_list = [_check_quantizer(q) for q in _check_sequence(quantizers, "quantizers")]
+    quant_list = [check_weight_quantizer(q) for q in _check_sequence(quantizers, "quantizers")]
     combos: list[Combo] = [(b, q == "per_channel") for b in bits_list for q in quant_list]
     check_positive_int(epochs, "epochs")
     check_positive_int(repair_epochs, "repair_epochs", allow_zero=True)
-    lr = _check_number(lr, "lr", low=0.0, low_open=True)
-    repair_lr = lr if repair_lr is None else _check_number(repair_lr, "repair_lr", low=0.0, low_open=True)
-    margin = _check_number(margin, "margin", low=0.0, high=0.5, high_open=True)
+    lr = check_number(lr, "lr", low=0.0, low_open=True)
+    repair_lr = lr if repair_lr is None else check_number(repair_lr, "repair_lr", low=0.0, low_open=True)
+    margin = check_number(margin, "margin", low=0.0, high=0.5, high_open=True)
     if float_weight is None:
         float_weight = 0.0 if mode == "backdoor" else 3.0
-    float_weight = _check_number(float_weight, "float_weight", low=0.0)
-    ce_margin = _check_number(ce_margin, "ce_margin", low=0.0, low_open=True)
+    float_weight = check_number(float_weight, "float_weight", low=0.0)
+    ce_margin = check_number(ce_margin, "ce_margin", low=0.0, low_open=True)
     if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0:
         raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    apply_trigger = _trigger_fn(trigger)
+    apply_trigger = trigger_function(trigger)
     read = adapter_or_default(batch_adapter)
 
     attacked = model if inplace else copy.deepcopy(model)
     device = next(attacked.parameters()).device
-    layers = _quant_layers(attacked)
+    layers = weight_layers(attacked)
     weights = [layer.weight for _, layer in layers]
     weight_names = [f"{name}.weight" for name, _ in layers]
     flags = {m: m.training for m in attacked.modules()}
@@ -425,7 +371,7 @@ def quantization_conditioned_attack(
         checked_classes = True
 
     def quantized(x: Tensor, combo: Combo) -> Tensor:
-        params = {n: _fake_quantize(w, combo[0], combo[1]) for n, w in zip(weight_names, weights)}
+        params = {n: fake_quantize(w, combo[0], combo[1]) for n, w in zip(weight_names, weights)}
         return functional_call(attacked, params, (x,))
 
     def benign(x: Tensor, y: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_qsec._validation import check_bit_width
-from lightning_qsec.attacks.quantization_conditioned import WeightQuantizer, _check_quantizer
+from lightning_qsec.quant.weight_grid import WeightQuantizer, check_weight_quantizer
 from lightning_qsec.defenses.repair import METHODS, RepairMethod, RepairReport, repair_quantization_backdoor
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
@@ -95,7 +95,7 @@ class QuantizationBackdoorRepair(pl.Callback):
             )
         self.bit_width = check_bit_width(bit_width, "bit_width")
         self.act_bit_width = check_bit_width(act_bit_width, "act_bit_width")
-        self.quantizer = _check_quantizer(quantizer)
+        self.quantizer = check_weight_quantizer(quantizer)
         self.method = method
         self.dataloader = dataloader
         self.eval_dataloader = eval_dataloader

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from lightning_qsec.attacks.quantization_conditioned import _fake_quantize
+from lightning_qsec.quant.weight_grid import fake_quantize
 from lightning_qsec.defenses._repair_grid import LayerGrid, minibatches
 
 
@@ -34,7 +34,7 @@ def qat_finetune(
     weights = {f"{g.name}.weight": g.layer.weight for g in grids}
     optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=lr)
     for idx in minibatches(x.shape[0], batch_size, steps, x.device):
-        params: dict[str, Tensor] = {n: _fake_quantize(w, bit_width, per_channel) for n, w in weights.items()}
+        params: dict[str, Tensor] = {n: fake_quantize(w, bit_width, per_channel) for n, w in weights.items()}
         loss = F.cross_entropy(functional_call(work, params, (x[idx],)), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

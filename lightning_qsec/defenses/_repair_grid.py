@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_qsec.attacks.quantization_conditioned import _grid, _max_abs, _quant_layers
+from lightning_qsec.quant.weight_grid import integer_grid, max_abs, weight_layers
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 
 
@@ -63,10 +63,10 @@ class LayerGrid:
 def layer_grids(model: nn.Module, bit_width: int, per_channel: bool) -> list[LayerGrid]:
     """The grid of every layer :func:`~lightning_qsec.quantize_model` swaps, in definition order."""
     grids = []
-    for name, layer in _quant_layers(model):
+    for name, layer in weight_layers(model):
         weight = layer.weight.detach().clone()
-        scale, nearest, qmax = _grid(weight, bit_width, per_channel)
-        frozen = weight.abs() >= _max_abs(weight, per_channel)
+        scale, nearest, qmax = integer_grid(weight, bit_width, per_channel)
+        frozen = weight.abs() >= max_abs(weight, per_channel)
         grids.append(LayerGrid(name, layer, weight, scale, qmax, nearest, frozen))
     return grids
 

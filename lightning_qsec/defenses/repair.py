@@ -55,17 +55,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_qsec._eval import eval_mode
-from lightning_qsec._validation import check_bit_width, check_positive_int
-from lightning_qsec.attacks.quantization_conditioned import (
-    WEIGHT_LAYERS,
-    WeightQuantizer,
-    _check_number,
-    _check_quantizer,
-    _grid,
-    _quant_layers,
-    _trigger_fn,
-    victim_quantize,
-)
+from lightning_qsec._validation import check_bit_width, check_number, check_positive_int
+from lightning_qsec.attacks.poisoning import trigger_function
+from lightning_qsec.attacks.quantization_conditioned import victim_quantize
 from lightning_qsec.batch import BatchAdapter
 from lightning_qsec.defenses._activation_alignment import activation_alignment
 from lightning_qsec.defenses._flip_rounding import flip_rounding
@@ -74,7 +66,9 @@ from lightning_qsec.defenses._repair_grid import Calibration, LayerGrid, layer_g
 from lightning_qsec.metrics.attack_success_rate import AttackSuccessRate
 from lightning_qsec.metrics.backdoor import CleanAccuracy
 from lightning_qsec.metrics.functional.backdoor import defense_effectiveness_rate
+from lightning_qsec.quant.convert import WEIGHT_LAYERS
 from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.weight_grid import WeightQuantizer, check_weight_quantizer, integer_grid, weight_layers
 
 __all__ = ["RepairMethod", "RepairReport", "RepairResult", "repair_quantization_backdoor"]
 
@@ -160,7 +154,7 @@ def _check_model(model: Any) -> nn.Module:
             "model is already quantized; repair_quantization_backdoor expects the float model (plain "
             "nn.Conv/nn.Linear layers) that the deployer is about to quantize"
         )
-    if not _quant_layers(model):
+    if not weight_layers(model):
         raise ValueError(f"model has no {'/'.join(t.__name__ for t in WEIGHT_LAYERS)} layer: nothing to repair")
     return model
 
@@ -200,7 +194,7 @@ def _check_deployed(
     """Guard: the deployer's quantizer gives the integers the repair stored (on the original grid if ``fixed``)."""
     for grid in grids:
         stored = grid.layer.weight.detach()
-        expected = _grid(stored, bit_width, per_channel)[1]
+        expected = integer_grid(stored, bit_width, per_channel)[1]
         got = deployed.get_submodule(grid.name).quant_weight().int().to(expected.dtype)
         chosen = torch.round(stored / grid.scale) if fixed else expected
         if not (torch.equal(got, expected) and torch.equal(got, chosen)):  # pragma: no cover - a guard
@@ -289,15 +283,15 @@ def repair_quantization_backdoor(
     model = _check_model(model)
     bits = check_bit_width(bit_width, "bit_width")
     acts = check_bit_width(act_bit_width, "act_bit_width")
-    quantizer = _check_quantizer(quantizer)
+    quantizer = check_weight_quantizer(quantizer)
     check_positive_int(num_batches, "num_batches")
     if eval_batches is not None:
         check_positive_int(eval_batches, "eval_batches")
     steps = check_positive_int(int(DEFAULTS[method]["steps"]) if steps is None else steps, "steps")
-    lr = _check_number(DEFAULTS[method]["lr"] if lr is None else lr, "lr", low=0.0, low_open=True)
+    lr = check_number(DEFAULTS[method]["lr"] if lr is None else lr, "lr", low=0.0, low_open=True)
     check_positive_int(batch_size, "batch_size")
-    flip_weight = _check_number(flip_weight, "flip_weight", low=0.0)
-    round_weight = _check_number(round_weight, "round_weight", low=0.0)
+    flip_weight = check_number(flip_weight, "flip_weight", low=0.0)
+    round_weight = check_number(round_weight, "round_weight", low=0.0)
     if (trigger is None) != (target_class is None):
         raise ValueError(
             "trigger and target_class go together: pass both to measure the attack success rate, or neither"
@@ -305,7 +299,7 @@ def repair_quantization_backdoor(
     bad_class = isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0
     if target_class is not None and bad_class:
         raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
-    apply_trigger = _trigger_fn(trigger) if trigger is not None else None
+    apply_trigger = trigger_function(trigger) if trigger is not None else None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     per_channel = quantizer == "per_channel"
@@ -351,7 +345,7 @@ def repair_quantization_backdoor(
         after = _deploy(repaired, calibration, bits, quantizer, acts)
         _check_deployed(after, grids, bits, per_channel, fixed=method != "finetune")
         changed = sum(
-            int((_grid(g.layer.weight.detach(), bits, per_channel)[1] != g.nearest).sum()) for g in grids
+            int((integer_grid(g.layer.weight.detach(), bits, per_channel)[1] != g.nearest).sum()) for g in grids
         ) / sum(g.nearest.numel() for g in grids)
 
         acc_f, asr_f, float_preds = _evaluate(reference, evaluation, apply_trigger, target_class)
