@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_qsec.metrics.attack_success_rate import AttackSuccessRate
+from lightning_qsec.metrics._correct_count import CorrectCount
 from lightning_qsec.metrics.functional.backdoor import _clean_accuracy_update, defense_effectiveness_rate
-from lightning_qsec.metrics.functional._checks import safe_ratio
 
 __all__ = ["CleanAccuracy", "DefenseEffectivenessRate"]
 
 
-class CleanAccuracy(Metric):
+class CleanAccuracy(CorrectCount):
     """BackdoorBench's clean accuracy: the share of clean samples classified correctly.
 
     Example:
@@ -37,29 +36,9 @@ class CleanAccuracy(Metric):
         tensor(0.7500)
     """
 
-    is_differentiable: bool = False
-    higher_is_better: bool = True
-    full_state_update: bool = False
-    plot_lower_bound: float = 0.0
-    plot_upper_bound: float = 1.0
-
-    correct: Tensor
-    total: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
-
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add one batch: ``preds`` class indices ``(N,)`` or scores ``(N, C)``, ``target`` ``(N,)``."""
-        correct, total = _clean_accuracy_update(preds, target)
-        self.correct += correct.to(self.correct.device)
-        self.total += total.to(self.total.device)
-
-    def compute(self) -> Tensor:
-        """Clean accuracy over all batches; ``nan`` before any sample."""
-        return safe_ratio(self.correct, self.total)
+        self._add(*_clean_accuracy_update(preds, target))
 
 
 class DefenseEffectivenessRate(Metric):

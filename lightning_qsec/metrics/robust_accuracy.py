@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from lightning_qsec.metrics.functional.robust_accuracy import _robust_accuracy_compute, _robust_accuracy_update
+from lightning_qsec.metrics._correct_count import CorrectCount
+from lightning_qsec.metrics.functional.robust_accuracy import _robust_accuracy_update
 
 __all__ = ["RobustAccuracy"]
 
 
-class RobustAccuracy(Metric):
+class RobustAccuracy(CorrectCount):
     """Top-1 accuracy of a model on adversarially perturbed inputs.
 
     Every sample counts, including those already misclassified on clean input, as in
@@ -35,20 +32,6 @@ class RobustAccuracy(Metric):
         tensor(0.5000)
     """
 
-    is_differentiable: bool = False
-    higher_is_better: bool = True
-    full_state_update: bool = False
-    plot_lower_bound: float = 0.0
-    plot_upper_bound: float = 1.0
-
-    correct: Tensor
-    total: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
-
     def update(self, adv_preds: Tensor, target: Tensor) -> None:
         """Add one batch.
 
@@ -61,10 +44,4 @@ class RobustAccuracy(Metric):
             ValueError: if an argument has another shape or dtype, or the two have
                 different ``N``.
         """
-        correct, total = _robust_accuracy_update(adv_preds, target)
-        self.correct += correct
-        self.total += total
-
-    def compute(self) -> Tensor:
-        """Robust accuracy over all batches (and all processes); ``nan`` if none was seen."""
-        return _robust_accuracy_compute(self.correct, self.total)
+        self._add(*_robust_accuracy_update(adv_preds, target))
