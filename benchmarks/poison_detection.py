@@ -17,10 +17,11 @@ classes classified as the target).
 
 Targets (issue 4, "Poison detection"): recall >= 80 % at 10 % poison rate with <= 5 %
 of clean samples flagged, judged per seed (PASS only if every seed passes); on clean
-data, <= 5 % flagged.
+data, <= 5 % flagged. The detector's thresholds were chosen by looking at the features of
+seeds 0-2 (digits) and 0-1 (MNIST-5k), so the script judges seeds 10, 11, 12 by default.
 
 Run: ``.venv/bin/python benchmarks/poison_detection.py [--data digits mnist5k]
-[--seeds 3] [--threads 1]``. About 2 minutes for digits and 5-10 minutes for MNIST-5k on
+[--seeds 3] [--first-seed 10] [--threads 1]``. About 2 minutes for digits and 5-10 minutes for MNIST-5k on
 2 shared CPU cores.
 """
 
@@ -78,6 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"], choices=["digits", "mnist5k"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed", type=int, default=10, help="seeds 0-2 (digits) and 0-1 (MNIST-5k) chose the detector's defaults"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,11 +91,12 @@ def main() -> None:
     verdicts: list[str] = []
     for data in args.data:
         for rate in (0.1, 0.0):
-            runs = [run(data, seed, rate) for seed in range(args.seeds)]
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            runs = [run(data, seed, rate) for seed in seeds]
             print(f"\n{data}, QAT w4a4, {EPOCHS[data]} epochs, poison rate {rate:g} (target class 0)")
             print("| seed | recall | FPR on clean | flagged classes | test acc (w4a4) | ASR (w4a4) | fit s |")
             print("|---|---|---|---|---|---|---|")
-            for seed, r in enumerate(runs):
+            for seed, r in zip(seeds, runs):
                 recall = "-" if rate == 0 else f"{100 * r['recall']:.1f} %"
                 print(f"| {seed} | {recall} | {100 * r['false_positive_rate']:.2f} % | {r['poisoned_classes']} | "
                       f"{100 * r['accuracy']:.1f} % | {100 * r['asr']:.1f} % | {r['seconds']:.0f} |")
