@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lightning_qsec.callbacks import BackdoorScan, SecurityReport
 from lightning_qsec.cli import main
 from lightning_qsec.data import DigitsDataModule
 from lightning_qsec.defenses import ScanResult, scan_model
+from lightning_qsec.defenses._scan_evidence import anomaly_index, truncation_evidence
 from lightning_qsec.defenses.backdoor_scan import EVIDENCE
 from lightning_qsec.metrics import AttackSuccessRate
 from lightning_qsec.models import ClassificationModule, DigitsCNN
@@ -87,6 +89,9 @@ def test_scan_passes_the_clean_model_and_flags_the_attacked_one(subjects):
         assert all(isinstance(v, float) for v in bad.evidence[bits].values())
         assert 0.0 <= bad.evidence[bits]["disagreement"] <= 1.0
     assert bad.evidence[4]["trigger_ratio"] > ok.evidence[4]["trigger_ratio"]
+    for bits in (8, 4):  # Neural Cleanse's anomaly index on the quantized model: computed, and bounded when clean
+        assert 0.0 <= ok.evidence[bits]["trigger_anomaly"] <= ok.thresholds[bits]["trigger_anomaly"]
+        assert math.isfinite(bad.evidence[bits]["trigger_anomaly"])
     assert bad.target_class in range(10) and bad.samples == len(dm.val_dataset)
     assert 0 < bad.seconds < 60
     data = json.loads(json.dumps(bad.to_dict()))
@@ -139,6 +144,39 @@ def test_scan_argument_errors(kwargs, message):
     data = [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
     with pytest.raises(ValueError, match=message):
         scan_model(DigitsCNN(), data, progress=False, **kwargs)
+    # the hook runs the same checks when it is built, not later inside the trainer
+    with pytest.raises(ValueError, match=message):
+        BackdoorScan(**kwargs)
+
+
+def test_anomaly_index_flags_one_small_trigger_only():
+    norms = torch.tensor([0.30, 0.32, 0.28, 0.31, 0.29, 0.33, 0.30, 0.27, 0.31, 0.30])
+    calm, _ = anomaly_index(norms)
+    planted = norms.clone()
+    planted[6] = 0.03
+    index, k = anomaly_index(planted)
+    assert 0.0 <= calm < 2.0 < index and k == 6
+    assert anomaly_index(torch.full((10,), 0.3)) == (0.0, 0)
+
+
+def test_truncation_outliers_need_several_neurons(subjects):
+    """One neuron tuned to the grid is noise; several are evidence (the 8-bit false alarm of a clean model)."""
+    _, clean, _ = subjects
+    twin = quantize_model(copy.deepcopy(clean), weight_bit_width=8)
+    assert truncation_evidence(twin)["truncation_outliers"] == 0.0
+    layer = next(m for m in twin.modules() if callable(getattr(m, "quant_weight", None)))
+
+    def tune(neurons: int) -> float:
+        with torch.no_grad():
+            scale = layer.quant_weight().scale
+            steps = torch.round(layer.weight / scale)
+            inner = steps.abs() < steps.abs().amax() - 1  # leave the weights that set the max-abs scale
+            tuned = torch.where(inner, (steps + 0.45 * torch.sign(layer.weight)) * scale, layer.weight)
+            layer.weight[:neurons] = tuned[:neurons]
+        return truncation_evidence(twin)["truncation_outliers"]
+
+    assert tune(1) == 0.0, "a single outlier neuron counts as none"
+    assert tune(3) > 0.0
 
 
 def test_scan_bad_models_and_loaders():
@@ -183,6 +221,8 @@ def test_hook_refuses_a_quantized_module_and_bad_settings(subjects):
         BackdoorScan(bit_widths=[1])
     with pytest.raises(ValueError, match="dataloader"):
         BackdoorScan(dataloader=[])
+    with pytest.raises(ValueError, match="unknown scan_model settings.*trigger_steps"):
+        BackdoorScan(trigger_stepz=5)
     module = ClassificationModule(quantize_model(copy.deepcopy(clean)))
     with pytest.raises(ValueError, match="already quantized"):
         quiet_trainer(callbacks=[BackdoorScan()]).test(module, datamodule=dm)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
+from lightning_qsec.defenses._scan_settings import scan_settings
 from lightning_qsec.defenses.backdoor_scan import EVIDENCE, Quantizer, ScanResult, scan_model
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.inspect import is_quantized
@@ -84,6 +85,10 @@ class BackdoorScan(EvaluationCallback):
         for forbidden in ("model", "dataloader"):
             if forbidden in scan_kwargs:
                 raise ValueError(f"BackdoorScan sets {forbidden!r} itself; do not pass it")
+        allowed = set(inspect.signature(scan_settings).parameters)
+        unknown = sorted(set(scan_kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"unknown scan_model settings {unknown}; allowed: {sorted(allowed)}")
         super().__init__(every_n_epochs=every_n_epochs, stages=(stages,) if isinstance(stages, str) else stages)
         self.max_samples = check_positive_int(max_samples, "max_samples")
         self.scan_kwargs: dict[str, Any] = dict(
@@ -91,20 +96,13 @@ class BackdoorScan(EvaluationCallback):
             quantizer=quantizer, act_bit_width=act_bit_width, seed=seed, progress=progress,
             thresholds=thresholds, max_samples=self.max_samples, **scan_kwargs,
         )
-        # Checks every argument now (an empty scan would fail later, inside the trainer).
-        self._check_settings()
-        self.bit_widths: list[int] = list(self.scan_kwargs["bit_widths"])
+        # every setting is checked now, by scan_model's own checks, not later inside the trainer
+        settings = scan_settings(**{k: v for k, v in self.scan_kwargs.items() if k != "progress"})
+        self.bit_widths: list[int] = settings.bit_widths
         self._read = adapter_or_default(batch_adapter)
         self.scan: ScanResult | None = None
         self._inputs: list[Tensor] = []
         self._targets: list[Tensor] = []
-
-    def _check_settings(self) -> None:
-        try:
-            scan_model(torch.nn.Linear(1, 1), [], **self.scan_kwargs)
-        except ValueError as error:
-            if "dataloader is empty" not in str(error):
-                raise
 
     @property
     def state_key(self) -> str:
@@ -166,7 +164,8 @@ class BackdoorScan(EvaluationCallback):
             "scan_model compares the float model with the deployer's quantized twin (quantize_model + calibrate "
             f"with {latest['quantizer']}) at each weight bit width: prediction disagreement and class shift on "
             "clean data, truncation-error outliers of the weights on the deployer's grid (EFRAP), Neural Cleanse "
-            "trigger sizes through the quantized vs the float forward, and STRIP entropy of the stamped inputs.",
+            "trigger sizes through the quantized vs the float forward and Neural Cleanse's anomaly index of the "
+            "quantized triggers, and STRIP entropy of the stamped inputs.",
             "Each evidence is divided by a threshold calibrated on clean models (benchmarks/backdoor_scan.py "
             "--calibrate); the model is suspicious when any ratio exceeds 1.",
         ]

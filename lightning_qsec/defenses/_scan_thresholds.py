@@ -11,7 +11,12 @@ attacked model is used.
 
 The floors are the smallest effects the scan calls an attack at all; they keep a
 threshold from collapsing to zero where every clean model measured exactly 0 (e.g. no
-prediction flips at 8 bits).
+prediction flips at 8 bits). ``trigger_anomaly``'s floor is Neural Cleanse's own
+threshold of 2 (Wang et al., S&P 2019); the clean models set it higher.
+``truncation_outliers`` is 0 unless at least 3 neurons are outliers at a Bonferroni-
+corrected level (:func:`~lightning_qsec.defenses._scan_evidence.truncation_evidence`),
+so its 1 % floor is no longer reached by a single noisy neuron (a clean MNIST-5k model,
+evaluation seed 6, was flagged that way with the earlier per-neuron test).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ EVIDENCE: tuple[str, ...] = (
     "truncation_outliers",
     "truncation_ks",
     "trigger_ratio",
+    "trigger_anomaly",
     "strip_drop",
 )
 
@@ -35,23 +41,29 @@ EVIDENCE: tuple[str, ...] = (
 FLOORS: dict[str, float] = {
     "disagreement": 0.02,  # 2 % of clean predictions change
     "class_shift": 0.02,  # 2 % of the predicted-class mass moves
-    "truncation_outliers": 0.01,  # 1 % of the neurons
+    "truncation_outliers": 0.01,  # 1 % of the neurons (and at least 3 of them, see truncation_evidence)
     "truncation_ks": 0.03,  # KS distance of the rounding residuals from uniform
     "trigger_ratio": 0.2,  # the quantized trigger is 18 % smaller than the float one
+    "trigger_anomaly": 2.0,  # Neural Cleanse's own outlier threshold (Wang et al. 2019)
     "strip_drop": 0.05,  # 5 % of the maximal entropy
 }
 
 #: Safety factor over the largest clean value.
 MARGIN = 1.5
 
-#: Thresholds per weight bit width, printed by ``benchmarks/backdoor_scan.py --calibrate``
-#: (8 clean models per dataset, seeds 100-107, digits and MNIST-5k; the larger of the two
-#: datasets' thresholds; 2026-11-26). At 8 bits every clean value stayed under its floor.
+#: Thresholds per weight bit width, printed by
+#: ``.venv/bin/python benchmarks/backdoor_scan.py --calibrate --data digits`` and
+#: ``... --calibrate --data mnist5k`` (8 clean models per dataset, seeds 100-107; the
+#: larger of the two datasets' thresholds, here digits' for every evidence; 2026-11-26,
+#: after ``trigger_anomaly`` and the Bonferroni/3-neuron ``truncation_outliers`` were
+#: added). At 8 bits every clean value except ``trigger_anomaly`` stayed under its floor
+#: (``truncation_outliers`` was 0 for all 16 clean models at 8 bits and all 8 MNIST-5k ones
+#: at 4 bits); clean ``trigger_anomaly`` reached 1.74 (8 bits) and 1.81 (4 bits).
 CALIBRATED: dict[int, dict[str, float]] = {
     8: {"disagreement": 0.0200, "class_shift": 0.0200, "truncation_outliers": 0.0100, "truncation_ks": 0.0300,
-        "trigger_ratio": 0.2000, "strip_drop": 0.0500},
-    4: {"disagreement": 0.0944, "class_shift": 0.0833, "truncation_outliers": 0.0738, "truncation_ks": 0.0750,
-        "trigger_ratio": 0.2075, "strip_drop": 0.0673},
+        "trigger_ratio": 0.2000, "trigger_anomaly": 2.6074, "strip_drop": 0.0500},
+    4: {"disagreement": 0.0944, "class_shift": 0.0833, "truncation_outliers": 0.0615, "truncation_ks": 0.0750,
+        "trigger_ratio": 0.2075, "trigger_anomaly": 2.7208, "strip_drop": 0.0673},
 }
 
 

@@ -12,35 +12,33 @@ compares it with the float model.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_qsec._validation import check_bit_width, check_positive_int
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.defenses._scan_evidence import (
+    anomaly_index,
     logits_of,
     prediction_evidence,
     reverse_engineer_triggers,
     strip_entropy,
     truncation_evidence,
 )
-from lightning_qsec.defenses._scan_thresholds import EVIDENCE, thresholds_for
+from lightning_qsec.defenses._scan_settings import Quantizer, scan_settings
+from lightning_qsec.defenses._scan_thresholds import EVIDENCE
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
 from lightning_qsec.quant.inspect import is_quantized
 
-__all__ = ["EVIDENCE", "ScanResult", "scan_model"]
+__all__ = ["EVIDENCE", "Quantizer", "ScanResult", "scan_model"]
 
-Quantizer = Literal["per_tensor", "per_channel"]
-QUANTIZERS: tuple[str, ...] = ("per_tensor", "per_channel")
 _CALIBRATION_BATCH = 64
 
 
@@ -56,12 +54,15 @@ class ScanResult:
         evidence: bit width -> evidence name -> value (the names of
             :data:`~lightning_qsec.defenses.backdoor_scan.EVIDENCE`), plus the float and
             quantized accuracies on the scanned data and the reverse-engineered trigger
-            sizes of the suspect class (``trigger_norm_float``/``trigger_norm_quantized``,
-            shares of the input pixels) and the share of the trigger-search inputs the
-            quantized trigger sends there (``trigger_success_quantized``).
+            sizes of the class whose trigger shrinks most from float to quantized
+            (``trigger_norm_float``/``trigger_norm_quantized``, shares of the input
+            pixels) and the share of the trigger-search inputs the quantized trigger
+            sends there (``trigger_success_quantized``).
         thresholds: bit width -> evidence name -> threshold.
-        suspect_classes: bit width -> the class whose trigger shrinks most from float to
-            quantized (the likeliest backdoor target at that precision).
+        suspect_classes: bit width -> the likeliest backdoor target at that precision:
+            the class of the smallest quantized trigger when ``trigger_anomaly`` is
+            further above (or nearer to) its threshold than ``trigger_ratio``, else the
+            class whose trigger shrinks most from float to quantized.
         target_class: the suspect class of the bit width with the highest score.
         flagged: ``"<bits>/<evidence>"`` for every evidence above its threshold.
         quantizer: the deployer's quantizer settings that were scanned.
@@ -96,27 +97,6 @@ class ScanResult:
             "samples": self.samples,
             "seconds": self.seconds,
         }
-
-
-def _deployer_config(quantizer: QuantConfig | str, act_bit_width: int | None) -> QuantConfig:
-    if isinstance(quantizer, QuantConfig):
-        if act_bit_width is not None:
-            raise ValueError(
-                "act_bit_width must be left out when quantizer is a QuantConfig (its act_bit_width is the deployer's)"
-            )
-        return quantizer
-    if quantizer not in QUANTIZERS:
-        raise ValueError(
-            f"quantizer must be a QuantConfig or one of {', '.join(repr(q) for q in QUANTIZERS)}, got {quantizer!r}"
-        )
-    acts = check_bit_width(8 if act_bit_width is None else act_bit_width, "act_bit_width")
-    return QuantConfig(act_bit_width=acts, per_channel=quantizer == "per_channel")
-
-
-def _check_bit_widths(bit_widths: Any) -> list[int]:
-    if isinstance(bit_widths, (str, bytes)) or not isinstance(bit_widths, Sequence) or len(bit_widths) == 0:
-        raise ValueError(f"bit_widths must be a non-empty sequence of integers from 2 to 16, got {bit_widths!r}")
-    return list(dict.fromkeys(check_bit_width(b, "bit_widths") for b in bit_widths))
 
 
 def _collect(dataloader: Iterable[Any], read: BatchAdapter, max_samples: int) -> tuple[Tensor, Tensor]:
@@ -183,7 +163,9 @@ def scan_model(
        the predicted-class distributions). Qu-ANTI-zation-style attacks move many.
     2. **Truncation errors** (EFRAP, Li et al., CVPR 2024, https://arxiv.org/abs/2403.02717):
        ``truncation_outliers`` (share of neurons whose weights' mean rounding residual
-       ``|w/s - round(w/s)|`` on the deployer's grid is abnormally large) and
+       ``|w/s - round(w/s)|`` on the deployer's grid is abnormally large, Bonferroni-
+       corrected over all neurons, and 0 below 3 such neurons: a single outlier neuron
+       happens in clean models) and
        ``truncation_ks`` (largest distance of a layer's residuals from the uniform law).
        Weights tuned to the exact grid, as box-constrained attacks leave them, are not
        uniform there.
@@ -191,10 +173,17 @@ def scan_model(
        Wang et al., S&P 2019): for every class the smallest mask-and-pattern trigger that
        sends ``trigger_samples`` clean inputs there, optimised through the twin (straight-
        through gradients) and, from the same start, through the float model.
-       ``trigger_ratio`` is the largest ``log(float mask size / quantized mask size)``
-       over classes: a class far easier to reach after quantization than before.
+       ``trigger_ratio`` is the largest
+       ``log(float mask size / quantized mask size)`` over classes: a class far easier
+       to reach after quantization than before. ``trigger_anomaly`` is Neural Cleanse's
+       anomaly index of the smallest quantized mask, ``(median - min) / (1.4826 * MAD)``
+       of the per-class mask sizes (the MAD floored at 10 % of the median, see
+       :func:`~lightning_qsec.defenses._scan_evidence.anomaly_index`), from the same
+       masks (no extra forward pass): it looks at the quantized model alone, so it sees
+       a backdoor that works there whether or not the float model has it too (whose
+       ``trigger_ratio`` stays small).
     4. **STRIP entropy** (Gao et al., ACSAC 2019, https://arxiv.org/abs/1902.06531): the
-       suspect class's trigger is stamped on the clean inputs, which are then blended
+       trigger of the class that shrinks most is stamped on the clean inputs, which are then blended
        with ``strip_overlays`` random clean inputs each; ``strip_drop`` is the float
        model's normalised prediction entropy (with its own trigger) minus the twin's (with
        its trigger). A real backdoor trigger survives blending; an adversarial one does not.
@@ -256,19 +245,12 @@ def scan_model(
             "model is already quantized; scan_model expects the float model (plain nn.Conv/nn.Linear layers) and "
             "builds the deployer's quantized twins itself"
         )
-    bits_list = _check_bit_widths(bit_widths)
-    config = _deployer_config(quantizer, act_bit_width)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    max_samples = check_positive_int(max_samples, "max_samples")
-    calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
-    trigger_samples = check_positive_int(trigger_samples, "trigger_samples")
-    trigger_steps = check_positive_int(trigger_steps, "trigger_steps")
-    strip_overlays = check_positive_int(strip_overlays, "strip_overlays")
-    for name, value in (("trigger_lr", trigger_lr), ("trigger_cost", trigger_cost)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    limits = {b: thresholds_for(b, thresholds) for b in bits_list}
+    settings = scan_settings(
+        bit_widths=bit_widths, quantizer=quantizer, act_bit_width=act_bit_width, seed=seed, max_samples=max_samples,
+        calibrate_batches=calibrate_batches, trigger_samples=trigger_samples, trigger_steps=trigger_steps,
+        trigger_lr=trigger_lr, trigger_cost=trigger_cost, strip_overlays=strip_overlays, thresholds=thresholds,
+    )
+    bits_list, config, limits = settings.bit_widths, settings.config, settings.thresholds
     start = time.perf_counter()
     # normal tensors, even inside Lightning's evaluation loops; a DataLoader draws its seed from the global RNG
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
@@ -315,20 +297,24 @@ def scan_model(
                 bar.set_description(f"scan_model: {bits}-bit triggers")
                 quant_triggers = search(twin)
                 ratios = (float_triggers.norms.clamp_min(1e-3) / quant_triggers.norms.clamp_min(1e-3)).log()
-                suspect = int(ratios.argmax())
-                values["trigger_ratio"] = float(ratios[suspect])
-                strip_float = strip_entropy(model, float_triggers.stamp(x_t, suspect), x, overlays=strip_overlays,
+                shrunk = int(ratios.argmax())
+                values["trigger_ratio"] = float(ratios[shrunk])
+                values["trigger_anomaly"], smallest = anomaly_index(quant_triggers.norms)
+                strip_float = strip_entropy(model, float_triggers.stamp(x_t, shrunk), x, overlays=strip_overlays,
                                             generator=torch.Generator().manual_seed(seed + 2))
-                strip_quant = strip_entropy(twin, quant_triggers.stamp(x_t, suspect), x, overlays=strip_overlays,
+                strip_quant = strip_entropy(twin, quant_triggers.stamp(x_t, shrunk), x, overlays=strip_overlays,
                                             generator=torch.Generator().manual_seed(seed + 2))
                 values["strip_drop"] = strip_float - strip_quant
-                values["trigger_norm_float"] = float(float_triggers.norms[suspect])
-                values["trigger_norm_quantized"] = float(quant_triggers.norms[suspect])
-                values["trigger_success_quantized"] = float(quant_triggers.success[suspect])
+                values["trigger_norm_float"] = float(float_triggers.norms[shrunk])
+                values["trigger_norm_quantized"] = float(quant_triggers.norms[shrunk])
+                values["trigger_success_quantized"] = float(quant_triggers.success[shrunk])
                 values["float_accuracy"] = float_correct
                 values["quantized_accuracy"] = float((quant_logits.argmax(1) == y).double().mean())
                 evidence[bits] = values
-                suspects[bits] = suspect
+                # the likeliest target: that of the trigger evidence further above (or nearer to) its threshold
+                by_anomaly = values["trigger_anomaly"] / limits[bits]["trigger_anomaly"] > values[
+                    "trigger_ratio"] / limits[bits]["trigger_ratio"]
+                suspects[bits] = smallest if by_anomaly else shrunk
                 del twin
     finally:
         bar.close()
