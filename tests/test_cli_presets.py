@@ -154,10 +154,11 @@ def test_demo_rejects_bad_epochs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--epochs" in capsys.readouterr().err
 
 
-def _run_example(script: str, tmp_path: Path) -> str:
+def _run_example(script: str, tmp_path: Path, *args: str) -> str:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = args or ("--epochs", "1", "--output", str(tmp_path / "out"))
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--epochs", "1", "--output", str(tmp_path / "out")],
+        [sys.executable, str(EXAMPLES / script), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -189,3 +190,14 @@ def test_example_ptq_pretrained(tmp_path: Path) -> None:
         a = callback.split(f"{label}: accuracy ")[1].split()[0]
         b = functional.split(f"{label}: accuracy ")[1].split()[0]
         assert a == b, label
+
+
+def test_example_quantization_backdoor(tmp_path: Path) -> None:
+    stdout = _run_example("quantization_backdoor.py", tmp_path, "--epochs", "15")
+    lines = {line.split(":")[0]: line for line in stdout.splitlines()}
+    float_asr = float(lines["attacked"].split("|")[0].split("ASR")[1].strip(" ,"))
+    quant_asr = float(lines["attacked"].split("|")[1].split("ASR")[1])
+    assert float_asr < 0.1 and quant_asr > 0.8  # clean in float, backdoored at 4 bits
+    assert "suspicious=False" in lines["scan clean"] and "suspicious=True" in lines["scan attacked"]
+    asr_after = float(lines["repair (flip_rounding)"].split("->")[1].split(",")[0])
+    assert asr_after < 0.05
