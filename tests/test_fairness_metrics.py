@@ -354,7 +354,7 @@ def _ddp_worker(rank: int, port: int, tmp_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
     try:
-        payload = torch.load(Path(tmp_dir) / "data.pt")
+        payload = torch.load(Path(tmp_dir) / "data.pt", weights_only=True)
         torch.save(_ddp_results(payload["data"], payload["shards"]), Path(tmp_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -390,7 +390,7 @@ def test_ddp_two_processes_match_fairlearn(tmp_path: Path) -> None:
     expected["qid"] = reference_qid(preds, quant, t, g)[0]
     single = _ddp_results(data, [[(0, n)]])
     for rank in range(WORLD_SIZE):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert set(results) == set(expected)
         for name, value in expected.items():
             close(results[name], value)
