@@ -92,7 +92,8 @@ def test_scan_passes_the_clean_model_and_flags_the_attacked_one(subjects):
     for bits in (8, 4):  # Neural Cleanse's anomaly index on the quantized model: computed, and bounded when clean
         assert 0.0 <= ok.evidence[bits]["trigger_anomaly"] <= ok.thresholds[bits]["trigger_anomaly"]
         assert math.isfinite(bad.evidence[bits]["trigger_anomaly"])
-    assert bad.target_class in range(10) and bad.samples == len(dm.val_dataset)
+    # the suspect class is read off the strongest trigger evidence, so it is the backdoor's target
+    assert bad.target_class == 0 and bad.samples == len(dm.val_dataset)
     assert 0 < bad.seconds < 60
     data = json.loads(json.dumps(bad.to_dict()))
     assert data["suspicious"] is True and set(data["evidence"]) == {"8", "4"}
@@ -195,7 +196,8 @@ def test_hook_in_a_real_trainer_flags_the_attacked_model_and_reports(subjects, t
     dm, _, attacked = subjects
     module = ClassificationModule(copy.deepcopy(attacked))
     before = copy.deepcopy(module.state_dict())
-    hook = BackdoorScan(bit_widths=[4], stages=("validate", "test"), trigger_steps=25)
+    hook = BackdoorScan(bit_widths=[8, 4], stages=("validate", "test"), trigger_steps=25, target_class=0,
+                        trigger=torch.ones(2, 2))
     report = SecurityReport(tmp_path / "report", on=("test",))
     trainer = quiet_trainer(callbacks=[hook, report])
     trainer.validate(module, datamodule=dm)
@@ -206,13 +208,29 @@ def test_hook_in_a_real_trainer_flags_the_attacked_model_and_reports(subjects, t
     assert hook.scan is not None and hook.scan.suspicious
     assert trainer.callback_metrics["qsec/backdoor_scan/suspicious"].item() == 1.0
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    # the known backdoor, measured at float and on the scan's own twins: asleep in float, awake at 4 bits
+    known = result["backdoor"]
+    rates = known["precisions"]
+    print({p: (round(v["clean_accuracy"], 3), round(v["attack_success_rate"], 3)) for p, v in rates.items()})
+    assert known["target_class"] == 0 and list(rates) == ["float", "8", "4"]
+    assert rates["float"]["attack_success_rate"] < 0.10 and rates["4"]["attack_success_rate"] > 0.80
+    for precision, bits in (("float", 8), ("8", 8), ("4", 4)):  # the same samples, the same twins as the scan
+        scanned = result["evidence"][str(bits)]["float_accuracy" if precision == "float" else "quantized_accuracy"]
+        assert rates[precision]["clean_accuracy"] == pytest.approx(scanned, abs=1e-6)
+    assert trainer.callback_metrics["qsec/backdoor_scan/asr/4"].item() > 0.80
     section = hook.report_section()
     assert section is not None and section.name == "backdoor_scan"
-    assert section.tables[0].rows[0][0] == "w4" and len(section.tables) == 2
-    assert section.plots[0].kind == "bar" and set(section.plots[0].series) == {"w4"}
+    assert [t.rows[0][0] for t in section.tables] == ["w8", "float"] * 2 and len(section.tables[1].rows) == 3
+    assert section.tables[1].columns == ["precision", "clean accuracy", "attack success rate"]
+    assert section.plots[0].kind == "bar" and set(section.plots[0].series) == {"w8", "w4"}
+    asr_plot = section.plots[1]
+    assert asr_plot.filename == "backdoor_scan_asr.png" and asr_plot.kind == "bar"
+    assert [p for p, _ in asr_plot.series["attack success rate"]] == ["float", "w8", "w4"]
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["sections"]["backdoor_scan"]["latest"]["test"]["suspicious"] is True
-    assert (tmp_path / "report" / "backdoor_scan_evidence.png").stat().st_size > 0
+    assert written["sections"]["backdoor_scan"]["latest"]["test"]["backdoor"]["precisions"]["4"] == rates["4"]
+    for png in ("backdoor_scan_evidence.png", "backdoor_scan_asr.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0
 
 
 def test_hook_refuses_a_quantized_module_and_bad_settings(subjects):
@@ -223,6 +241,15 @@ def test_hook_refuses_a_quantized_module_and_bad_settings(subjects):
         BackdoorScan(dataloader=[])
     with pytest.raises(ValueError, match="unknown scan_model settings.*trigger_steps"):
         BackdoorScan(trigger_stepz=5)
+    for bad_class in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="target_class must be None or a non-negative integer"):
+            BackdoorScan(target_class=bad_class)
+    with pytest.raises(ValueError, match="trigger must be None.*patch tensor.*callable"):
+        BackdoorScan(target_class=0, trigger="white square")
+    with pytest.raises(ValueError, match="trigger is only used with target_class"):
+        BackdoorScan(trigger=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"target_class must be a class of the model's 10 outputs \(0..9\), got 10"):
+        quiet_trainer(callbacks=[BackdoorScan(target_class=10)]).test(ClassificationModule(clean), datamodule=dm)
     module = ClassificationModule(quantize_model(copy.deepcopy(clean)))
     with pytest.raises(ValueError, match="already quantized"):
         quiet_trainer(callbacks=[BackdoorScan()]).test(module, datamodule=dm)
@@ -240,4 +267,5 @@ def test_preset_runs(tmp_path, monkeypatch):
     result = report["sections"]["backdoor_scan"]["latest"]["validate"]
     assert result["suspicious"] is False, "a model trained cleanly by the preset passes"
     assert set(result["evidence"]) == {"8", "4"} and result["epoch"] == 4
+    assert "backdoor" not in result and not (out / "backdoor_scan_asr.png").exists(), "no target_class: scan only"
     assert (out / "backdoor_scan_evidence.png").stat().st_size > 0

@@ -1,24 +1,49 @@
-"""The :class:`BackdoorScan` evaluation hook: scan the float module for quantization-conditioned backdoors."""
+"""The :class:`BackdoorScan` evaluation hook: scan the float module for quantization-conditioned backdoors.
+
+With a known trigger and target class the hook also measures, BackdoorBench-style (Wu et
+al., NeurIPS 2022 Datasets and Benchmarks, https://arxiv.org/abs/2206.12654), the clean
+accuracy and the attack success rate at float and on each quantized twin the scan builds.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from lightning_qsec._validation import check_positive_int
+from lightning_qsec.attacks.poisoning import Trigger, trigger_function
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
+from lightning_qsec.defenses._scan_evidence import logits_of
 from lightning_qsec.defenses._scan_settings import scan_settings
 from lightning_qsec.defenses.backdoor_scan import EVIDENCE, Quantizer, ScanResult, scan_model
+from lightning_qsec.metrics.attack_success_rate import AttackSuccessRate
+from lightning_qsec.metrics.backdoor import CleanAccuracy
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.inspect import is_quantized
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["BackdoorScan"]
+
+
+def _backdoor_rates(
+    model: nn.Module, x: Tensor, y: Tensor, stamp: Callable[[Tensor], Tensor], target_class: int
+) -> dict[str, float]:
+    """BackdoorBench's clean accuracy and attack success rate of ``model`` on ``x`` and ``stamp(x)``."""
+    clean, triggered = logits_of(model, x), logits_of(model, stamp(x))
+    accuracy, asr = CleanAccuracy(), AttackSuccessRate(targeted=True)
+    accuracy.update(clean.cpu(), y)
+    asr.update(clean.cpu(), triggered.cpu(), y, attack_target=target_class)
+    return {"clean_accuracy": float(accuracy.compute()), "attack_success_rate": float(asr.compute())}
+
+
+def _label(precision: str) -> str:
+    return precision if precision == "float" else f"w{precision}"
 
 
 class BackdoorScan(EvaluationCallback):
@@ -44,6 +69,18 @@ class BackdoorScan(EvaluationCallback):
     writes a table of the evidence per bit width and a bar plot of each evidence
     relative to its threshold.
 
+    **Known backdoor.** With ``target_class`` (and optionally ``trigger``), e.g. to check
+    a red-team model or a repair, the hook also measures on the same clean samples it
+    scans, at float and on each quantized twin the scan builds (the same deployer twins,
+    handed over by ``scan_model``'s ``on_twin``, not built again), BackdoorBench's clean
+    accuracy (:class:`~lightning_qsec.metrics.CleanAccuracy`) and attack success rate
+    (:class:`~lightning_qsec.metrics.AttackSuccessRate` with ``targeted=True``: triggered
+    samples outside the target class that land in it). They go to the result's
+    ``"backdoor"`` entry (``target_class`` and ``precisions``: ``"float"``, ``"8"``,
+    ``"4"``, ... -> ``clean_accuracy``, ``attack_success_rate``), are logged as
+    ``qsec/backdoor_scan/asr/<precision>``, and the report adds a bar plot of the
+    attack success rate per precision and a table of both per precision.
+
     Args:
         bit_widths: weight bit widths the deployer may use, each 2..16.
         quantizer: ``"per_tensor"``, ``"per_channel"`` or a :class:`~lightning_qsec.QuantConfig`.
@@ -55,6 +92,12 @@ class BackdoorScan(EvaluationCallback):
         batch_adapter: reads batches; default :func:`~lightning_qsec.read_batch`.
         stages: ``"test"`` and/or ``"validate"``.
         every_n_epochs: scan at validation during fit every this many epochs.
+        target_class: the known backdoor's target class: also measure clean accuracy
+            and attack success per precision. ``None``: scan only.
+        trigger: the known backdoor's trigger, as in
+            :func:`~lightning_qsec.attacks.trigger_function`: ``None`` (BadNets' 2x2
+            white patch, bottom right), a patch tensor ``(h, w)``/``(C, h, w)`` or a
+            callable stamping a batch. Only with ``target_class``.
         **scan_kwargs: further settings of :func:`~lightning_qsec.defenses.scan_model`
             (``trigger_steps``, ``trigger_samples``, ``calibrate_batches``, ...).
 
@@ -63,6 +106,8 @@ class BackdoorScan(EvaluationCallback):
         >>> scan = BackdoorScan(bit_widths=[8, 4], quantizer="per_channel")
         >>> scan.bit_widths, scan.stages
         ([8, 4], ['test'])
+        >>> BackdoorScan(target_class=0).target_class  # also ASR of the 2x2 white patch per precision
+        0
     """
 
     empty_stage_meaning = "no clean samples to scan with"
@@ -80,9 +125,11 @@ class BackdoorScan(EvaluationCallback):
         batch_adapter: BatchAdapter | None = None,
         stages: Sequence[Stage] = ("test",),
         every_n_epochs: int = 1,
+        target_class: int | None = None,
+        trigger: Trigger = None,
         **scan_kwargs: Any,
     ) -> None:
-        for forbidden in ("model", "dataloader"):
+        for forbidden in ("model", "dataloader", "on_twin"):
             if forbidden in scan_kwargs:
                 raise ValueError(f"BackdoorScan sets {forbidden!r} itself; do not pass it")
         allowed = set(inspect.signature(scan_settings).parameters)
@@ -99,6 +146,14 @@ class BackdoorScan(EvaluationCallback):
         # every setting is checked now, by scan_model's own checks, not later inside the trainer
         settings = scan_settings(**{k: v for k, v in self.scan_kwargs.items() if k != "progress"})
         self.bit_widths: list[int] = settings.bit_widths
+        if target_class is not None and (
+            isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0
+        ):
+            raise ValueError(f"target_class must be None or a non-negative integer class index, got {target_class!r}")
+        if target_class is None and trigger is not None:
+            raise ValueError("trigger is only used with target_class: pass target_class= to measure its success rate")
+        self.target_class = target_class
+        self._stamp = trigger_function(trigger)
         self._read = adapter_or_default(batch_adapter)
         self.scan: ScanResult | None = None
         self._inputs: list[Tensor] = []
@@ -128,10 +183,41 @@ class BackdoorScan(EvaluationCallback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
         batches = list(zip(self._inputs, self._targets))
         self._inputs, self._targets = [], []
-        self.scan = scan_model(pl_module, batches, **self.scan_kwargs)
+        precisions: dict[str, dict[str, float]] = {}
+        measure = None
+        if self.target_class is not None:
+            measure = self._backdoor_probe(pl_module, batches, self.target_class, precisions)
+        self.scan = scan_model(pl_module, batches, on_twin=measure, **self.scan_kwargs)
         pl_module.log("qsec/backdoor_scan/score", self.scan.score)
         pl_module.log("qsec/backdoor_scan/suspicious", float(self.scan.suspicious))
-        return {"stage": stage, "epoch": int(trainer.current_epoch), **self.scan.to_dict()}
+        result = {"stage": stage, "epoch": int(trainer.current_epoch), **self.scan.to_dict()}
+        if precisions:
+            for precision, rates in precisions.items():
+                pl_module.log(f"qsec/backdoor_scan/asr/{precision}", rates["attack_success_rate"])
+            result["backdoor"] = {"target_class": self.target_class, "precisions": precisions}
+        return result
+
+    def _backdoor_probe(
+        self, pl_module: pl.LightningModule, batches: list[tuple[Tensor, Tensor]], target_class: int,
+        precisions: dict[str, dict[str, float]],
+    ) -> Callable[[int, nn.Module], None]:
+        """Measure the known backdoor at float into ``precisions``; return the probe of each scanned twin."""
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        with torch.inference_mode(False):  # normal tensors, even inside Lightning's evaluation loops
+            x = torch.cat([b[0] for b in batches]).to(device).clone()
+            y = torch.cat([b[1] for b in batches]).long().clone()
+            num_classes = logits_of(pl_module, x[:1]).shape[-1]
+            if target_class >= num_classes:
+                raise ValueError(
+                    f"target_class must be a class of the model's {num_classes} outputs (0..{num_classes - 1}), "
+                    f"got {target_class}"
+                )
+            precisions["float"] = _backdoor_rates(pl_module, x, y, self._stamp, target_class)
+
+        def probe(bits: int, twin: nn.Module) -> None:
+            precisions[str(bits)] = _backdoor_rates(twin, x, y, self._stamp, target_class)
+
+        return probe
 
     # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection | None:
@@ -151,6 +237,15 @@ class BackdoorScan(EvaluationCallback):
                 columns=["weight bits", *EVIDENCE, "float accuracy", "quantized accuracy", "suspect class"],
                 rows=rows,
             ))
+            if "backdoor" in r:
+                known = r["backdoor"]
+                tables.append(Table(
+                    title=(f"Known backdoor ({stage}, target class {known['target_class']}): BackdoorBench clean "
+                           "accuracy and attack success rate per precision, on the scanned samples"),
+                    columns=["precision", "clean accuracy", "attack success rate"],
+                    rows=[[_label(p), v["clean_accuracy"], v["attack_success_rate"]]
+                          for p, v in known["precisions"].items()],
+                ))
         latest = self.results.get("test") or self.results.get("validate") or {}
         plots = [Plot(
             filename="backdoor_scan_evidence.png",
@@ -160,6 +255,17 @@ class BackdoorScan(EvaluationCallback):
                     for bits, values in latest["evidence"].items()},
             kind="bar", hlines={"threshold": 1.0},
         )]
+        if "backdoor" in latest:
+            known = latest["backdoor"]
+            plots.append(Plot(
+                filename="backdoor_scan_asr.png",
+                title=f"Attack success rate per precision, target class {known['target_class']} ({latest['stage']})",
+                xlabel="precision", ylabel="rate",
+                series={name: [(_label(p), v[key]) for p, v in known["precisions"].items()]
+                        for name, key in (("attack success rate", "attack_success_rate"),
+                                          ("clean accuracy", "clean_accuracy"))},
+                kind="bar",
+            ))
         notes = [
             "scan_model compares the float model with the deployer's quantized twin (quantize_model + calibrate "
             f"with {latest['quantizer']}) at each weight bit width: prediction disagreement and class shift on "
@@ -169,6 +275,12 @@ class BackdoorScan(EvaluationCallback):
             "Each evidence is divided by a threshold calibrated on clean models (benchmarks/backdoor_scan.py "
             "--calibrate); the model is suspicious when any ratio exceeds 1.",
         ]
+        if "backdoor" in latest:
+            notes.append(
+                "Known backdoor: BackdoorBench's clean accuracy and attack success rate (triggered samples outside "
+                "the target class that are classified as it) on the scanned samples, at float and on the very "
+                "quantized twins the scan built."
+            )
         return ReportSection(
             name="backdoor_scan", title="Quantization-conditioned backdoor scan",
             data={"latest": self.results, "history": self.history}, tables=tables, plots=plots, notes=notes,

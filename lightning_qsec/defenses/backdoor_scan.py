@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,11 @@ class ScanResult:
             the class of the smallest quantized trigger when ``trigger_anomaly`` is
             further above (or nearer to) its threshold than ``trigger_ratio``, else the
             class whose trigger shrinks most from float to quantized.
-        target_class: the suspect class of the bit width with the highest score.
+        target_class: the suspect class of the bit width whose trigger evidence is
+            strongest (the larger of ``trigger_ratio`` and ``trigger_anomaly`` relative
+            to its threshold). Not that of the bit width with the highest overall
+            score: at 8 bits a twin without a working backdoor can score highest through
+            other evidence (e.g. truncation errors), and its suspect class is noise.
         flagged: ``"<bits>/<evidence>"`` for every evidence above its threshold.
         quantizer: the deployer's quantizer settings that were scanned.
         samples: clean samples scanned.
@@ -147,6 +151,7 @@ def scan_model(
     strip_overlays: int = 8,
     thresholds: Mapping[int, Mapping[str, float]] | None = None,
     batch_adapter: BatchAdapter | None = None,
+    on_twin: Callable[[int, nn.Module], object] | None = None,
 ) -> ScanResult:
     """Scan a float model for a backdoor that wakes up only once it is quantized.
 
@@ -219,6 +224,11 @@ def scan_model(
         strip_overlays: clean inputs blended with each stamped input for STRIP.
         thresholds: bit width -> evidence name -> threshold, overriding the calibrated ones.
         batch_adapter: optional callable turning a batch into a :class:`~lightning_qsec.Batch`.
+        on_twin: called as ``on_twin(bits, twin)`` with each calibrated quantized twin
+            (in eval mode, on the model's device) before it is discarded, so that a
+            caller can measure the very twins the scan built (the
+            :class:`~lightning_qsec.callbacks.BackdoorScan` hook measures clean accuracy
+            and attack success on them). It must not change the twin.
 
     Returns:
         The :class:`ScanResult`.
@@ -240,6 +250,8 @@ def scan_model(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if on_twin is not None and not callable(on_twin):
+        raise ValueError(f"on_twin must be None or a callable (bits, twin), got {type(on_twin).__name__}")
     if is_quantized(model):
         raise ValueError(
             "model is already quantized; scan_model expects the float model (plain nn.Conv/nn.Linear layers) and "
@@ -291,6 +303,8 @@ def scan_model(
                 bar.set_description(f"scan_model: {bits}-bit twin")
                 twin = _twin(model, x, y, config, bits, calibrate_batches)
                 bar.update()
+                if on_twin is not None:
+                    on_twin(bits, twin)
                 quant_logits = logits_of(twin, x)
                 values = prediction_evidence(float_logits, quant_logits, num_classes)
                 values.update(truncation_evidence(twin))
@@ -320,8 +334,10 @@ def scan_model(
         bar.close()
     ratios_per_bits = {b: {e: evidence[b][e] / limits[b][e] for e in EVIDENCE} for b in bits_list}
     flagged = [f"{b}/{e}" for b in bits_list for e in EVIDENCE if ratios_per_bits[b][e] > 1.0]
-    top = max(bits_list, key=lambda b: max(ratios_per_bits[b].values()))
-    score = max(ratios_per_bits[top].values())
+    score = max(max(r.values()) for r in ratios_per_bits.values())
+    # the target is read off the triggers, so it comes from the bit width whose trigger evidence is strongest
+    trigger_bits = max(bits_list, key=lambda b: max(ratios_per_bits[b]["trigger_ratio"],
+                                                    ratios_per_bits[b]["trigger_anomaly"]))
     return ScanResult(
         suspicious=score > 1.0,
         score=float(score),
@@ -329,7 +345,7 @@ def scan_model(
         evidence=evidence,
         thresholds=limits,
         suspect_classes=suspects,
-        target_class=suspects[top],
+        target_class=suspects[trigger_bits],
         flagged=flagged,
         quantizer=config.to_dict() | {"weight_bit_width": None},
         samples=len(y),
