@@ -76,6 +76,7 @@ from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.convert import WEIGHT_LAYERS, quantize_model
 from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.precision import require_float
 from lightning_qsec.quant.weight_grid import (
     WeightQuantizer,
     check_weight_quantizer,
@@ -308,11 +309,9 @@ def quantization_conditioned_attack(
         raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if is_quantized(model):
-        raise ValueError(
-            "model is already quantized; the attack starts from the float model (plain nn.Conv/nn.Linear "
-            "layers) that the victim will quantize"
-        )
+    require_float(
+        model, "the attack starts from the float model (plain nn.Conv/nn.Linear layers) that the victim will quantize"
+    )
     if not weight_layers(model):
         raise ValueError(
             f"model has no {'/'.join(t.__name__ for t in WEIGHT_LAYERS)} layer: nothing the victim's "

@@ -35,7 +35,7 @@ from lightning_qsec.defenses._scan_thresholds import EVIDENCE
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
-from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.precision import require_float
 
 __all__ = ["EVIDENCE", "Quantizer", "ScanResult", "scan_model"]
 
@@ -252,11 +252,10 @@ def scan_model(
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if on_twin is not None and not callable(on_twin):
         raise ValueError(f"on_twin must be None or a callable (bits, twin), got {type(on_twin).__name__}")
-    if is_quantized(model):
-        raise ValueError(
-            "model is already quantized; scan_model expects the float model (plain nn.Conv/nn.Linear layers) and "
-            "builds the deployer's quantized twins itself"
-        )
+    require_float(
+        model, "scan_model expects the float model (plain nn.Conv/nn.Linear layers) and builds the deployer's "
+        "quantized twins itself"
+    )
     settings = scan_settings(
         bit_widths=bit_widths, quantizer=quantizer, act_bit_width=act_bit_width, seed=seed, max_samples=max_samples,
         calibrate_batches=calibrate_batches, trigger_samples=trigger_samples, trigger_steps=trigger_steps,

@@ -43,7 +43,7 @@ from lightning_qsec.attacks._context import attack_mode
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.convert import WEIGHT_LAYERS, _weight_layer, quantize_model
-from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.precision import require_float
 
 __all__ = [
     "FairMixedPrecisionResult",
@@ -253,8 +253,7 @@ def neuron_bias_scores(
     """
     flip, columns = _check_flip_arguments(sensitive_attribute_index, flip_fn)
     check_positive_int(num_batches, "num_batches")
-    if is_quantized(model):
-        raise ValueError("model is already quantized; neuron bias scores are computed on the float model")
+    require_float(model, "neuron bias scores are computed on the float model")
     layers = _candidate_layers(model)
     if not layers:
         raise ValueError(
@@ -426,8 +425,7 @@ def quantize_neurons(
     low = check_bit_width(low_bit_width, "low_bit_width")
     high = check_bit_width(high_bit_width, "high_bit_width")
     check_bit_width(act_bit_width, "act_bit_width")
-    if is_quantized(model):
-        raise ValueError("model is already quantized; quantize_neurons needs the float model")
+    require_float(model, "quantize_neurons needs the float model")
     layers = _candidate_layers(model)
     selection = {n: r for n, r in _check_selection(high_precision_neurons, layers).items() if r}
     quantize_model(model, weight_bit_width=low, act_bit_width=act_bit_width, quantize_input=quantize_input,
@@ -548,10 +546,7 @@ def fair_mixed_precision(
     if low >= high:
         raise ValueError(f"low_bit_width ({low}) must be below high_bit_width ({high})")
     check_positive_int(calibrate_batches, "calibrate_batches")
-    if is_quantized(model):
-        raise ValueError(
-            "model is already quantized; fair_mixed_precision is post-training quantization of a float model"
-        )
+    require_float(model, "fair_mixed_precision is post-training quantization of a float model")
     scores, samples, flip_rate = neuron_bias_scores(
         model, dataloader, sensitive_attribute_index=sensitive_attribute_index, flip_fn=flip_fn,
         num_batches=score_batches, batch_adapter=batch_adapter,

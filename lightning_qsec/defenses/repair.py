@@ -67,7 +67,7 @@ from lightning_qsec.metrics.attack_success_rate import AttackSuccessRate
 from lightning_qsec.metrics.backdoor import CleanAccuracy
 from lightning_qsec.metrics.functional.backdoor import defense_effectiveness_rate
 from lightning_qsec.quant.convert import WEIGHT_LAYERS
-from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.precision import require_float
 from lightning_qsec.quant.weight_grid import WeightQuantizer, check_weight_quantizer, integer_grid, weight_layers
 
 __all__ = ["RepairMethod", "RepairReport", "RepairResult", "repair_quantization_backdoor"]
@@ -149,11 +149,10 @@ class RepairResult:
 def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if is_quantized(model):
-        raise ValueError(
-            "model is already quantized; repair_quantization_backdoor expects the float model (plain "
-            "nn.Conv/nn.Linear layers) that the deployer is about to quantize"
-        )
+    require_float(
+        model, "repair_quantization_backdoor expects the float model (plain nn.Conv/nn.Linear layers) that the "
+        "deployer is about to quantize"
+    )
     if not weight_layers(model):
         raise ValueError(f"model has no {'/'.join(t.__name__ for t in WEIGHT_LAYERS)} layer: nothing to repair")
     return model

@@ -23,6 +23,12 @@ def require_quantized(model: nn.Module, argument: str = "model") -> None:
         )
 
 
+def require_float(model: nn.Module, needs: str, argument: str = "model") -> None:
+    """Raise ``ValueError`` if ``model`` already holds Brevitas layers; ``needs`` says why a float one is needed."""
+    if is_quantized(model):
+        raise ValueError(f"{argument} is already quantized; {needs}")
+
+
 def bit_widths(model: nn.Module) -> dict[str, dict[str, int]]:
     """Current bit widths: ``{"weight": {name: bits}, "act": {name: bits}}``."""
     return {
