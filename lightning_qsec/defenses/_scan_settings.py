@@ -9,16 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from lightning_qsec._validation import check_bit_width, check_positive_int
 from lightning_qsec.defenses._scan_thresholds import thresholds_for
 from lightning_qsec.quant.config import QuantConfig
+from lightning_qsec.quant.weight_grid import WEIGHT_QUANTIZERS, WeightQuantizer
 
-__all__ = ["QUANTIZERS", "Quantizer", "ScanSettings", "scan_settings"]
+__all__ = ["Quantizer", "ScanSettings", "scan_settings"]
 
-Quantizer = Literal["per_tensor", "per_channel"]
-QUANTIZERS: tuple[str, ...] = ("per_tensor", "per_channel")
+Quantizer = WeightQuantizer
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ def _deployer_config(quantizer: Any, act_bit_width: Any) -> QuantConfig:
                 "act_bit_width must be left out when quantizer is a QuantConfig (its act_bit_width is the deployer's)"
             )
         return quantizer
-    if quantizer not in QUANTIZERS:
+    if quantizer not in WEIGHT_QUANTIZERS:
         raise ValueError(
-            f"quantizer must be a QuantConfig or one of {', '.join(repr(q) for q in QUANTIZERS)}, got {quantizer!r}"
+            f"quantizer must be a QuantConfig or one of {', '.join(repr(q) for q in WEIGHT_QUANTIZERS)}, got {quantizer!r}"
         )
     acts = check_bit_width(8 if act_bit_width is None else act_bit_width, "act_bit_width")
     return QuantConfig(act_bit_width=acts, per_channel=quantizer == "per_channel")
