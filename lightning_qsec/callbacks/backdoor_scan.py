@@ -59,8 +59,9 @@ class BackdoorScan(EvaluationCallback):
     changed: the scan quantizes deep copies, and runs everything in eval mode. A module
     that is already quantized (e.g. trained with
     :class:`~lightning_qsec.callbacks.QuantizationAwareTraining`) is refused: the scan
-    is for float models before deployment. Under DDP each process scans the samples of
-    its own shard of the dataloader.
+    is for float models before deployment. Under DDP the samples every process collected
+    from its shard are gathered in rank order, so all processes scan the same samples (the
+    first ``max_samples`` of them) and hold the same result.
 
     Results go to :attr:`results` (latest per stage; :meth:`ScanResult.to_dict` plus
     ``stage`` and ``epoch``), :attr:`history` and :attr:`scan` (the last
@@ -180,9 +181,24 @@ class BackdoorScan(EvaluationCallback):
         self._inputs.append(b.inputs[: self.max_samples - have].detach().cpu())
         self._targets.append(b.targets[: self.max_samples - have].detach().cpu())
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
-        batches = list(zip(self._inputs, self._targets))
+    def _gathered(self, trainer: pl.Trainer) -> list[tuple[Tensor, Tensor]]:
+        """The collected samples as batches; under DDP every rank's, in rank order, on every rank."""
+        inputs, targets = self._inputs, self._targets
         self._inputs, self._targets = [], []
+        if trainer.world_size == 1 or not inputs:
+            return list(zip(inputs, targets))
+        strategy = trainer.strategy
+        x = torch.cat(inputs).to(strategy.root_device)
+        y = torch.cat(targets).to(strategy.root_device)
+        counts = strategy.all_gather(torch.tensor(len(y), device=strategy.root_device)).flatten().tolist()
+        pad = max(counts) - len(y)  # all_gather needs equal shapes
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        y = torch.cat([y, y.new_zeros(pad)])
+        xs, ys = strategy.all_gather(x).cpu(), strategy.all_gather(y).cpu()
+        return [(xs[rank, :n], ys[rank, :n]) for rank, n in enumerate(counts) if n]
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> dict[str, Any]:
+        batches = self._gathered(trainer)
         precisions: dict[str, dict[str, float]] = {}
         measure = None
         if self.target_class is not None:
