@@ -14,7 +14,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_qsec import safe_load
 from lightning_qsec.attacks import PoisonedDataModule
