@@ -129,7 +129,8 @@ class PoisonedDataDetection(pl.Callback):
     Example:
         >>> import pytorch_lightning as pl
         >>> from lightning_qsec.callbacks import PoisonedDataDetection, QuantizationAwareTraining
-        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[QuantizationAwareTraining(4, 4), PoisonedDataDetection()])
+        >>> detection = PoisonedDataDetection()
+        >>> trainer = pl.Trainer(max_epochs=10, logger=False, callbacks=[QuantizationAwareTraining(4, 4), detection])
     """
 
     def __init__(

@@ -70,7 +70,7 @@ class QuantizationAwareTraining(pl.Callback):
     Example:
         >>> import pytorch_lightning as pl
         >>> from lightning_qsec.callbacks import QuantizationAwareTraining
-        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(4, 4)])
+        >>> trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[QuantizationAwareTraining(4, 4)])
     """
 
     def __init__(

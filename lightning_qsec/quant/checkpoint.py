@@ -78,8 +78,9 @@ def load_quantized_checkpoint(
     Returns:
         The quantized ``model`` with the checkpoint's weights, scales and bit widths, in eval mode.
 
-    Example:
-        >>> # model = load_quantized_checkpoint(MyLitModule(), "epoch=9.ckpt")  # doctest: +SKIP
+    Example::
+
+        model = load_quantized_checkpoint(MyLitModule(), "epoch=9.ckpt")  # a QAT checkpoint
     """
     checkpoint = safe_load(path, map_location=map_location)
     config = find_quant_config(checkpoint)
