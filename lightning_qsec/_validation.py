@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 MIN_BIT_WIDTH = 2
 MAX_BIT_WIDTH = 16
 
@@ -24,12 +26,31 @@ def check_bit_width(value: Any, name: str = "bit_width") -> int:
     return int(value)
 
 
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer (Python or NumPy, not a bool) ``>= minimum``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        ok = False
+    else:
+        ok = minimum is None or value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
     """Return ``value`` if it is an int ``>= 1`` (or ``>= 0``), else raise ``ValueError``."""
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return check_int(value, name, minimum=0 if allow_zero else 1)
+
+
+def check_seed(value: Any, name: str = "seed", *, non_negative: bool = False) -> int:
+    """Return ``value`` if it is an integer seed (``>= 0`` when ``non_negative``), else raise ``ValueError``."""
+    return check_int(value, name, minimum=0 if non_negative else None)
+
+
+def check_probability(value: Any, name: str) -> float:
+    """Return ``value`` as a float if it lies strictly between 0 and 1, else raise ``ValueError``."""
+    return check_number(value, name, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def check_number(

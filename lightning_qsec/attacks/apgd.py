@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_qsec._validation import check_seed
 from lightning_qsec.attacks._checks import (
     check_batch,
     check_count,
@@ -158,8 +159,7 @@ def apgd(
     for name, value in (("rho", rho), ("momentum", momentum)):
         if check_step_size(value, name) > 1.0:
             raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     checkpoints = apgd_checkpoints(steps)
     with attack_mode(model):
         x = as_attack_tensor(inputs)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_qsec._validation import check_seed
 from lightning_qsec.data._tensor_datamodule import TensorDataModule
 
 __all__ = [
@@ -187,12 +188,6 @@ def _check_class(target_class: Any, num_classes: int) -> int:
     return int(target_class)
 
 
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return int(seed)
-
-
 def poison_dataset(
     data: Dataset[Any] | tuple[Tensor, Tensor] | Sequence[Tensor],
     *,
@@ -241,7 +236,7 @@ def poison_dataset(
     """
     x, y = _as_tensors(data)
     rate = _check_rate(poison_rate)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(y.shape)} and dtype {y.dtype}")
     if x.shape[0] != y.shape[0]:
@@ -338,7 +333,7 @@ class PoisonedDataModule(TensorDataModule):
         if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)) or target_class < 0:
             raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
         self.target_class = int(target_class)
-        self.poison_seed = _check_seed(seed)
+        self.poison_seed = check_seed(seed)
         _check_patch(trigger, size, value, position)
         self.trigger, self.size, self.value, self.position = trigger, size, value, position
         self.exclude_target = bool(exclude_target)

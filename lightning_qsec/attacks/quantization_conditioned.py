@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from lightning_qsec._validation import check_bit_width, check_number, check_positive_int
+from lightning_qsec._validation import check_bit_width, check_number, check_positive_int, check_seed
 from lightning_qsec.attacks.poisoning import Trigger, trigger_function
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.quant.calibration import calibrate
@@ -331,8 +331,7 @@ def quantization_conditioned_attack(
     ce_margin = check_number(ce_margin, "ce_margin", low=0.0, low_open=True)
     if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0:
         raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     apply_trigger = trigger_function(trigger)
     read = adapter_or_default(batch_adapter)
 

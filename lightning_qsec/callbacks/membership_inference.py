@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from lightning_qsec._eval import eval_mode
-from lightning_qsec._validation import check_positive_int
+from lightning_qsec._validation import check_positive_int, check_probability, check_seed
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
 from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
 from lightning_qsec.callbacks._target import single_loader, quantized_target
@@ -310,12 +310,8 @@ class MembershipInferenceEvaluation(EvaluationCallback):
         self.max_members = check_positive_int(max_members, "max_members")
         self.max_nonmembers = check_positive_int(max_nonmembers, "max_nonmembers")
         self.bootstrap = check_positive_int(bootstrap, "bootstrap", allow_zero=True)
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-            raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-        self.confidence = float(confidence)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.confidence = check_probability(confidence, "confidence")
+        self.seed = check_seed(seed)
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
         super().__init__(every_n_epochs=every_n_epochs, stages=(stages,) if isinstance(stages, str) else stages)
         self._read = adapter_or_default(batch_adapter)

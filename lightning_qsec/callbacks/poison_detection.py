@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_qsec._eval import eval_mode
-from lightning_qsec._validation import check_positive_int
+from lightning_qsec._validation import check_positive_int, check_seed
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
 from lightning_qsec.callbacks._target import single_loader
 from lightning_qsec.defenses.poison_detection import (
@@ -160,9 +160,7 @@ class PoisonedDataDetection(pl.Callback):
         self.threshold = _threshold(self.analysis, threshold)
         self.min_source_entropy = _check_entropy(min_source_entropy)
         self.eps = _check_eps(eps)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self._read = adapter_or_default(batch_adapter)
         self.suspect_indices: Tensor = torch.zeros(0, dtype=torch.long)

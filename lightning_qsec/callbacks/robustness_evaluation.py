@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import Metric
 
-from lightning_qsec._validation import check_positive_int
+from lightning_qsec._validation import check_positive_int, check_seed
 from lightning_qsec.attacks import apgd, diva, fgsm, pgd
 from lightning_qsec.attacks._checks import check_domain, check_norm
 from lightning_qsec.attacks._context import Norm, as_attack_tensor, attack_mode
@@ -214,9 +214,7 @@ class RobustnessEvaluation(EvaluationCallback):
         self.diva = _check_bool(diva, "diva")
         self.amplification = _check_bool(amplification, "amplification")
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(f"batch_adapter must be a callable(batch) -> Batch or None, got {batch_adapter!r}")
         self._read = adapter_or_default(batch_adapter)

@@ -10,23 +10,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_qsec._validation import check_int, check_seed
 from lightning_qsec.data.sampler import EpochSeededSampler
 
 __all__ = ["TensorDataModule", "stratified_split"]
-
-
-def check_fraction(name: str, value: float) -> float:
-    """``value`` as a float, or a ValueError unless ``0 < value < 1``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
-    """``value``, or a ValueError unless it is an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -114,11 +101,9 @@ class TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, *, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0)
+        self.seed = check_seed(seed)
         self.train_dataset: TensorDataset | None = None
         self.val_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None

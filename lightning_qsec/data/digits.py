@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from ._tensor_datamodule import TensorDataModule, check_fraction, split_images
+from lightning_qsec._validation import check_probability
+
+from ._tensor_datamodule import TensorDataModule, split_images
 
 __all__ = ["DigitsDataModule"]
 
@@ -42,9 +44,9 @@ class DigitsDataModule(TensorDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.test_fraction = check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction + test_fraction", self.val_fraction + self.test_fraction)
+        self.val_fraction = check_probability(val_fraction, "val_fraction")
+        self.test_fraction = check_probability(test_fraction, "test_fraction")
+        check_probability(self.val_fraction + self.test_fraction, "val_fraction + test_fraction")
         self._num_classes = 10
         self._input_shape = (1, 8, 8)
         self.save_hyperparameters()

@@ -8,12 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._tensor_datamodule import (
-    TensorDataModule,
-    check_fraction,
-    check_positive_int,
-    stratified_split,
-)
+from lightning_qsec._validation import check_int, check_probability
+
+from ._tensor_datamodule import TensorDataModule, stratified_split
 from .idx import read_idx
 
 __all__ = ["DEFAULT_FASHION_MNIST_ROOT", "FashionMNISTDataModule"]
@@ -89,9 +86,9 @@ class FashionMNISTDataModule(TensorDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         self.root = root
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.limit_train = None if limit_train is None else check_positive_int("limit_train", limit_train, 2)
-        self.limit_test = None if limit_test is None else check_positive_int("limit_test", limit_test)
+        self.val_fraction = check_probability(val_fraction, "val_fraction")
+        self.limit_train = None if limit_train is None else check_int(limit_train, "limit_train", minimum=2)
+        self.limit_test = None if limit_test is None else check_int(limit_test, "limit_test", minimum=1)
         self._num_classes = 10
         self._input_shape = (1, 28, 28)
         self.save_hyperparameters()

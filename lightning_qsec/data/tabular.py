@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._tensor_datamodule import TensorDataModule, check_choice, check_fraction, stratified_split
+from lightning_qsec._validation import check_probability
+
+from ._tensor_datamodule import TensorDataModule, check_choice, stratified_split
 
 __all__ = [
     "AdultDataModule",
@@ -197,10 +199,10 @@ class TabularDataModule(TensorDataModule):
         self.root = root
         self.sensitive = check_choice("sensitive", sensitive, tuple(self.SENSITIVE))
         self.include_sensitive_feature = bool(include_sensitive_feature)
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.test_fraction = None if test_fraction is None else check_fraction("test_fraction", test_fraction)
+        self.val_fraction = check_probability(val_fraction, "val_fraction")
+        self.test_fraction = None if test_fraction is None else check_probability(test_fraction, "test_fraction")
         if self.test_fraction is not None:
-            check_fraction("val_fraction + test_fraction", self.val_fraction + self.test_fraction)
+            check_probability(self.val_fraction + self.test_fraction, "val_fraction + test_fraction")
         self.group_names: list[str] = list(self.SENSITIVE[sensitive])
         self._feature_names: list[str] | None = None
         self._num_classes = 2

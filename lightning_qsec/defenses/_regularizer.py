@@ -60,6 +60,7 @@ __all__ = [
     "WeightRegularizer",
     "BatchRegularizer",
     "add_to_grad",
+    "check_resumed_config",
     "regularized_weights",
 ]
 
@@ -216,6 +217,15 @@ def preserved_running_state(module: nn.Module) -> Iterator[None]:
                 load_statistics_state(module, saved_stats)
 
 
+def check_resumed_config(callback: str, saved: Any, current: Any) -> None:
+    """Refuse to resume a defense callback whose settings differ from the checkpoint's."""
+    if saved != current:
+        raise ValueError(
+            f"checkpoint was trained with {callback} settings {saved}, but this callback has {current}; use the "
+            "same settings to resume (or load only the weights, without ckpt_path, to fine-tune with other settings)"
+        )
+
+
 class Regularizer(pl.Callback):
     """Base class: coefficient schedule, layer selection, checks and configuration state.
 
@@ -274,13 +284,7 @@ class Regularizer(pl.Callback):
         return {"config": self.config()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config")
-        if saved != self.config():
-            raise ValueError(
-                f"checkpoint was trained with {type(self).__name__} settings {saved}, but this callback has "
-                f"{self.config()}; use the same settings to resume (or load only the weights, without ckpt_path, "
-                "to fine-tune with other settings)"
-            )
+        check_resumed_config(type(self).__name__, state_dict.get("config"), self.config())
 
 
 def _optimizer_params(optimizer: Any) -> Iterator[Tensor]:

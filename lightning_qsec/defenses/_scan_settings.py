@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_qsec._validation import check_bit_width, check_positive_int
+from lightning_qsec._validation import check_bit_width, check_positive_int, check_seed
 from lightning_qsec.defenses._scan_thresholds import thresholds_for
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.weight_grid import WEIGHT_QUANTIZERS, WeightQuantizer
@@ -94,8 +94,7 @@ def scan_settings(
     """
     bits = _check_bit_widths(bit_widths)
     config = _deployer_config(quantizer, act_bit_width)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     if thresholds is not None and not isinstance(thresholds, Mapping):
         raise ValueError(f"thresholds must be a mapping bit width -> evidence name -> threshold, got {thresholds!r}")
     return ScanSettings(

@@ -11,12 +11,19 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_qsec._validation import check_seed
 from lightning_qsec.attacks._checks import check_domain
 from lightning_qsec.attacks._context import as_attack_tensor, attack_mode, input_gradient
 from lightning_qsec.attacks.float_view import FloatView
 from lightning_qsec.attacks.pgd import pgd
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
-from lightning_qsec.defenses._regularizer import Coefficient, CoefficientLike, add_to_grad, preserved_running_state
+from lightning_qsec.defenses._regularizer import (
+    Coefficient,
+    CoefficientLike,
+    add_to_grad,
+    check_resumed_config,
+    preserved_running_state,
+)
 from lightning_qsec.quant.inspect import is_quantized
 
 __all__ = ["AdversarialTraining", "trades_adversary"]
@@ -251,8 +258,7 @@ class AdversarialTraining(pl.Callback):
             raise ValueError(f"trades_beta must be a finite number >= 0, got {trades_beta!r}")
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(f"batch_adapter must be a callable batch -> lightning_qsec.Batch or None, got {batch_adapter!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_seed(seed, non_negative=True)
         self.method: Method = method
         self.on: Target = on
         self.alpha = None if alpha is None else float(alpha)
@@ -447,13 +453,7 @@ class AdversarialTraining(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config")
-        if saved != self.config():
-            raise ValueError(
-                f"checkpoint was trained with AdversarialTraining settings {saved}, but this callback has "
-                f"{self.config()}; use the same settings to resume (or load only the weights, without ckpt_path, "
-                "to fine-tune with other settings)"
-            )
+        check_resumed_config("AdversarialTraining", state_dict.get("config"), self.config())
         self.batches_attacked = int(state_dict.get("batches_attacked", 0))
 
 

@@ -12,6 +12,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_qsec._validation import check_seed
+from lightning_qsec.defenses._regularizer import check_resumed_config
 from lightning_qsec.quant.precision import at_precision, bit_widths, require_quantized
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 
@@ -118,8 +120,7 @@ class RandomPrecisionTraining(pl.Callback):
         self.precisions: list[Precision] = parse_precisions(bit_widths, "bit_widths")
         if not isinstance(switchable_bn, bool):
             raise ValueError(f"switchable_bn must be True or False, got {switchable_bn!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_seed(seed, non_negative=True)
         self.switchable_bn = switchable_bn
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -254,12 +255,7 @@ class RandomPrecisionTraining(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config")
-        if saved != self.config():
-            raise ValueError(
-                f"checkpoint was trained with RandomPrecisionTraining settings {saved}, but this callback has "
-                f"{self.config()}; use the same settings to resume"
-            )
+        check_resumed_config("RandomPrecisionTraining", state_dict.get("config"), self.config())
         self.generator.set_state(state_dict["generator"])
         self.counts = Counter(state_dict.get("counts", {}))
         current = state_dict.get("current")

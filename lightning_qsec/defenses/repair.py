@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_qsec._eval import eval_mode
-from lightning_qsec._validation import check_bit_width, check_number, check_positive_int
+from lightning_qsec._validation import check_bit_width, check_number, check_positive_int, check_seed
 from lightning_qsec.attacks.poisoning import trigger_function
 from lightning_qsec.attacks.quantization_conditioned import victim_quantize
 from lightning_qsec.batch import BatchAdapter
@@ -299,8 +299,7 @@ def repair_quantization_backdoor(
     if target_class is not None and bad_class:
         raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
     apply_trigger = trigger_function(trigger) if trigger is not None else None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     per_channel = quantizer == "per_channel"
     device = next(model.parameters()).device
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_qsec._validation import check_probability, check_seed
 from lightning_qsec.privacy._checks import check_scores
 from lightning_qsec.privacy.roc import _roc_batch
 
@@ -103,10 +104,8 @@ def bootstrap_ci(
         True
     """
     member, nonmember = check_scores(member_scores, nonmember_scores)
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_probability(confidence, "confidence")
+    check_seed(seed)
     m_idx, n_idx = bootstrap_indices(len(member), len(nonmember), resamples, seed)
     values = bootstrap_metrics(member, nonmember, m_idx, n_idx)
     return {k: percentile_interval(v, float(confidence)) for k, v in values.items()}

@@ -50,6 +50,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from lightning_qsec._validation import check_seed
 from lightning_qsec.quant.precision import float_mode, require_quantized
 
 __all__ = [
@@ -97,8 +98,7 @@ def _check(
     if perturbation not in get_args(Perturbation):
         allowed = ", ".join(repr(p) for p in get_args(Perturbation))
         raise ValueError(f"perturbation must be one of {allowed}, got {perturbation!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     clip_min, clip_max = check_domain(clip_min, clip_max)
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
