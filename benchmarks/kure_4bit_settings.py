@@ -9,8 +9,12 @@ from the same seed (``regularizers.fit``) and scores both, float and after PTQ
 3-bit weight-only per tensor, w4a8 without input quantization, and w4a4. It prints each
 layer's weight kurtosis (conv1, conv2, fc1, fc2) so the tails can be compared.
 
-Run: ``.venv/bin/python benchmarks/kure_4bit_settings.py [--width 16] [--epochs 10]
-[--lr 1e-3] [--lam 1.0] [--seed 0]`` (about 30 s to 3 min per run on 1 thread).
+``--net batchnorm`` scores :class:`~lightning_qsec.models.MNISTBatchNormCNN` instead
+(convolution-BatchNorm blocks, the layout of KURE's ResNets); its seed-0 run is the pilot
+that chose that network for ``benchmarks/regularizers.py --net batchnorm``.
+
+Run: ``.venv/bin/python benchmarks/kure_4bit_settings.py [--net mnistcnn|batchnorm] [--width 16]
+[--epochs 10] [--lr 1e-3] [--lam 1.0] [--seed 0]`` (about 30 s to 3 min per run on 1 thread).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from lightning_qsec.data import MNIST5kDataModule
 from lightning_qsec.defenses import KurtosisRegularization
 from lightning_qsec.defenses._regularizer import regularized_weights
 from lightning_qsec.defenses.kurtosis import kurtosis
-from lightning_qsec.models import MNISTCNN, ClassificationModule
+from lightning_qsec.models import MNISTCNN, ClassificationModule, MNISTBatchNormCNN
 
 SETTINGS = {
     "w4 weight-only per-tensor": dict(weight_bit_width=4, act_bit_width=16, quantize_input=False),
@@ -42,6 +46,7 @@ SETTINGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", choices=["mnistcnn", "batchnorm"], default="mnistcnn")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,10 +59,11 @@ def main() -> None:
     dm = MNIST5kDataModule(batch_size=64, seed=args.seed)
     dm.setup()
     x, y = dm.test_dataset.tensors
-    print(f"MNISTCNN(width={args.width}), {args.epochs} epochs, lr {args.lr}, seed {args.seed}; accuracy in %")
+    network = MNISTBatchNormCNN if args.net == "batchnorm" else MNISTCNN
+    print(f"{network.__name__}(width={args.width}), {args.epochs} epochs, lr {args.lr}, seed {args.seed}; accuracy in %")
     for name, callbacks in (("twin", []), (f"KURE lam {args.lam}", [KurtosisRegularization(lam=args.lam)])):
         pl.seed_everything(args.seed, verbose=False)
-        module = ClassificationModule(MNISTCNN(width=args.width), lr=args.lr)
+        module = ClassificationModule(network(width=args.width), lr=args.lr)
         cpu = regularizers.fit(module, dm, args.epochs, callbacks, None)
         row = {"float": regularizers.accuracy(module.net, x, y)}
         for label, settings in SETTINGS.items():
