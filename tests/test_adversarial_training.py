@@ -106,10 +106,11 @@ def test_trades_leaves_the_batch_clean_and_logs_its_terms() -> None:
     assert float(metrics["qsec/adv/trades_kl"]) > 0
 
 
-def test_view_of_the_dataset_is_refused() -> None:
+def test_stored_batches_and_dataset_views_are_restored_after_each_step() -> None:
     x, y = _digits().train_dataset.tensors
+    before = x.clone()
 
-    class Slices:  # yields views into the dataset tensor: writing would corrupt it
+    class Slices:  # yields views into the dataset tensor
         def __iter__(self):
             for i in range(0, 128, 64):
                 yield x[i : i + 64], y[i : i + 64]
@@ -117,11 +118,33 @@ def test_view_of_the_dataset_is_refused() -> None:
         def __len__(self) -> int:
             return 2
 
-    before = x.clone()
-    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[AdversarialTraining("fgsm_rs")])
-    with pytest.raises(ValueError, match="view of a larger tensor"):
-        trainer.fit(ClassificationModule(DigitsCNN()), train_dataloaders=Slices())
-    assert torch.equal(x, before)
+    stored = [(x[i : i + 64].clone(), y[i : i + 64]) for i in range(0, 128, 64)]  # the same tensors every epoch
+    stored_before = [b.clone() for b, _ in stored]
+    seen: list[torch.Tensor] = []
+
+    class Spy(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = DigitsCNN()
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.net(inputs)
+
+        def training_step(self, batch, batch_idx):
+            seen.append(batch[0].detach().clone())
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    for loader in (Slices(), DataLoader(stored, batch_size=None)):
+        seen.clear()
+        trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[AdversarialTraining("fgsm_rs", eps=0.1)])
+        trainer.fit(Spy(), train_dataloaders=loader)
+        assert len(seen) == 4
+        assert all((s - c).abs().max() > 0.01 for s, c in zip(seen, [before[:64], before[64:128]] * 2))  # attacked
+    assert torch.equal(x, before)  # the dataset never changed
+    assert all(torch.equal(b, c) for (b, _), c in zip(stored, stored_before))
 
 
 # -- robustness gained -----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -340,6 +341,13 @@ def test_dtype_and_empty_batches():
         diva(copy.deepcopy(net), net, x, y, eps=0.1, alpha=0.02, steps=2),
     ):
         assert adv.dtype == torch.float64 and adv.shape == x.shape
+    for targets in (y.int(), y.to(torch.uint8)):  # any integer class indices, as with int64
+        assert torch.equal(pgd(net, x, targets, eps=0.1, alpha=0.02, steps=2, generator=_gen()),
+                           pgd(net, x, y, eps=0.1, alpha=0.02, steps=2, generator=_gen()))
+        assert torch.equal(fgsm(net, x, targets, eps=0.1), fgsm(net, x, y, eps=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inputs that require grad are checked without a warning
+        fgsm(net, x.clone().requires_grad_(True), y, eps=0.1)
     empty_x, empty_y = x[:0], y[:0]
     assert pgd(net, empty_x, empty_y, eps=0.1, alpha=0.02, steps=2).shape == empty_x.shape
     assert apgd(net, empty_x, empty_y, eps=0.1, steps=2).shape == empty_x.shape

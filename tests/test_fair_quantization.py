@@ -178,6 +178,17 @@ def test_group_label_out_of_range_errors() -> None:
         cb._check_groups(torch.tensor([0.0, 1.0]), None)
 
 
+def test_inferred_group_count_grows_in_balanced_mode_only() -> None:
+    balanced = FairQuantizationTraining()
+    balanced._check_groups(torch.tensor([0, 0]), None)  # the first batch lacks group 1
+    assert torch.equal(balanced._check_groups(torch.tensor([0, 1]), None), torch.tensor([0, 1]))
+    assert balanced.num_groups == 2
+    dro = FairQuantizationTraining(mode="group_dro")
+    dro._check_groups(torch.tensor([0, 0]), None)
+    with pytest.raises(ValueError, match="out of range for num_groups=1"):
+        dro._check_groups(torch.tensor([0, 1]), None)
+
+
 def test_needs_quantized_module() -> None:
     data = TensorDataset(torch.randn(32, 6), torch.randint(0, 2, (32,)), torch.randint(0, 2, (32,)))
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,

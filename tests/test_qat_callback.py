@@ -172,3 +172,17 @@ def test_float_mode_inside_trained_module(qat_w4a4_and_float):
     with float_mode(qat):
         acc = _test_acc(qat)
     assert acc == pytest.approx(sweep.results["validate"]["float"]["accuracy"], abs=0.1)
+
+
+def test_calibration_before_qat_of_a_batchnorm_network_helps():
+    """Calibrated with batch statistics, as training normalises: not with untrained running ones."""
+    from lightning_qsec.models import ClassificationModule, MNISTBatchNormCNN
+
+    accuracies = {}
+    for batches in (0, 4):
+        pl.seed_everything(0, verbose=False)
+        module = ClassificationModule(MNISTBatchNormCNN(width=8), lr=1e-2)
+        _fit(module, [QuantizationAwareTraining(4, 4, calibrate_batches=batches)], epochs=3, limit_val_batches=0)
+        accuracies[batches] = _test_acc(module)
+    assert accuracies[4] > 0.7, accuracies
+    assert accuracies[4] >= accuracies[0] - 0.05, accuracies

@@ -162,6 +162,77 @@ def test_calibrate_leaves_batchnorm_and_mode_alone(trained):
     assert all(m.training for m in q.modules())
 
 
+def test_calibrate_with_batch_statistics_matches_train_mode_batchnorm(trained):
+    net, x, y = trained
+    fresh = _net()  # running statistics still the initial ones (mean 0, var 1), as before QAT
+    q_running = quantize_model(copy.deepcopy(fresh), act_bit_width=8)
+    q_batch = quantize_model(copy.deepcopy(fresh), act_bit_width=8)
+    calibrate(q_running, _batches(x, y, n=3))
+    calibrate(q_batch, _batches(x, y, n=3), batchnorm="batch")
+    assert torch.equal(q_batch[1].running_var, fresh[1].running_var)  # running statistics untouched
+    with float_mode(q_batch):  # the ReLU after BatchNorm sees what training mode produces
+        q_batch.train()
+        post_bn = q_batch[2](q_batch[1](q_batch[0](x[:192])))
+        q_batch.eval()
+    scale_batch = float(q_batch[2].act_quant.scale().detach())
+    scale_running = float(q_running[2].act_quant.scale().detach())
+    assert scale_batch * 255 == pytest.approx(float(post_bn.abs().max()), rel=0.5)
+    assert scale_batch > 2 * scale_running  # eval-mode BN with untrained statistics under-estimates
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        calibrate(q_batch, _batches(x, y, n=1), batchnorm="train")
+
+
+def test_failed_calibration_keeps_the_earlier_one(trained):
+    net, x, y = trained
+    q = quantize_model(copy.deepcopy(net), weight_bit_width=4, act_bit_width=4).eval()
+    calibrate(q, _batches(x, y, n=3))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    logits = q(x[:64])
+    bad = x[:64].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for loader in ([], [(x[:64], y[:64]), (bad, y[:64])]):
+        with pytest.raises(ValueError, match="empty|NaN"):
+            calibrate(q, loader)
+        assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+        assert torch.equal(q(x[:64]), logits)
+
+
+@pytest.mark.parametrize("low, high", [(-1.0, 1.0), (-0.5, 0.5)])
+def test_hardtanh_keeps_its_clamp_quantized_and_in_float_mode(low, high):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Hardtanh(low, high), nn.Linear(8, 3))
+    x = torch.randn(256, 4) * 3  # most pre-activations far outside the clamp
+    expected = net(x)
+    q = quantize_model(copy.deepcopy(net), act_bit_width=8, quantize_input=False)
+    calibrate(q, [(x[i : i + 64],) for i in range(0, 256, 64)])
+    hidden = q[1](q[0](x))
+    assert float(hidden.min()) >= low - 1e-6 and float(hidden.max()) <= high + 1e-6
+    assert (q(x) - expected).abs().max() < 0.05  # 8-bit quantization of a bounded activation
+    with float_mode(q):
+        assert torch.allclose(q(x), expected, atol=1e-6)
+
+
+def test_float_mode_keeps_every_train_eval_flag(trained):
+    net, x, y = trained
+    q = quantize_model(copy.deepcopy(net), act_bit_width=4).train()
+    q[2].eval()  # a frozen block inside a model in training mode
+    flags = {name: m.training for name, m in q.named_modules()}
+    with float_mode(q):
+        assert {name: m.training for name, m in q.named_modules()} == flags
+        q(x[:8])
+    assert {name: m.training for name, m in q.named_modules()} == flags
+
+
+def test_calibrate_takes_unlabeled_batches(trained):
+    net, x, y = trained
+    labeled = quantize_model(copy.deepcopy(net), act_bit_width=4)
+    calibrate(labeled, _batches(x, y, n=2))
+    for batches in ([x[:64], x[64:128]], [(x[:64],), (x[64:128],)]):
+        unlabeled = quantize_model(copy.deepcopy(net), act_bit_width=4)
+        calibrate(unlabeled, batches)
+        assert all(torch.equal(a, b) for a, b in zip(labeled.state_dict().values(), unlabeled.state_dict().values()))
+
+
 def test_calibrate_inside_inference_mode(trained):
     net, x, y = trained
     q = quantize_model(copy.deepcopy(net)).eval()

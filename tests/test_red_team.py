@@ -227,6 +227,7 @@ def test_repair_keeps_the_injected_integer_weights(digits):
     loader = [next(iter(dm.train_dataloader()))]
     injected = quantization_conditioned_attack(clean, loader, mode="indiscriminate", epochs=2, repair_epochs=0)
     repaired = quantization_conditioned_attack(clean, loader, mode="indiscriminate", epochs=2, repair_epochs=3)
+    assert all(p.grad is None for m in (injected, repaired) for p in m.parameters()), "no stale gradients returned"
     moved = False
     for name in ("features.0", "features.3", "classifier.1", "classifier.3"):
         a = _deploy(injected, dm, "per_tensor").get_submodule(name).quant_weight()

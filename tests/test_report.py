@@ -89,6 +89,18 @@ def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
     assert _temp_files(tmp_path) == []
 
 
+def test_atomic_write_gives_the_mode_of_a_plain_write(tmp_path: Path) -> None:
+    import stat
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    new = write_text_atomic(tmp_path / "new.txt", "x")
+    assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)  # not mkstemp's 0o600
+    os.chmod(new, 0o640)
+    write_text_atomic(new, "y")  # a replaced file keeps its mode
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640
+
+
 def test_atomic_write_failing_midway_keeps_old_file(tmp_path: Path) -> None:
     target = tmp_path / "report.json"
     target.write_text('{"old": true}')

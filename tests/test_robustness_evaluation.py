@@ -329,3 +329,40 @@ def test_inputs_outside_the_domain_name_clip_bounds():
     trainer = quiet_trainer(max_epochs=1, callbacks=[rob], limit_test_batches=1)
     with pytest.raises(ValueError, match="clip_min"):
         trainer.test(module, datamodule=DigitsDataModule(), verbose=False)
+
+
+def test_l2_norm_measures_amplification_with_an_l2_step_at_radii_above_one():
+    module = UserCNN()
+    rob = RobustnessEvaluation((0.0, 1.5, 3.0), attacks=("pgd",), bit_widths=[8], norm="l2", max_samples=64,
+                               steps=3, stages=("test",), calibrate_batches=3, transfer=False, diva=False)
+    trainer = _fit(module, [rob], epochs=1)
+    trainer.test(module, datamodule=DigitsDataModule(), verbose=False)
+    w8 = rob.results["test"]["precisions"]["w8a8"]
+    assert math.isfinite(w8["amplification"]["ratio"]) and w8["amplification"]["float"] > 0
+    assert w8["attacks"]["pgd"]["3"]["robust_accuracy"] < w8["clean_accuracy"]
+
+
+def test_ptq_twin_does_not_change_the_training_order():
+    """Building the float model's PTQ twin must not draw from the global RNG that shuffles the data."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dm = DigitsDataModule()
+    dm.setup()
+    train = TensorDataset(*dm.train_dataset.tensors)
+
+    class Labels(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(batch[1].clone())
+
+    orders = []
+    for extra in ([], [RobustnessEvaluation((0.0, 0.1), attacks=("fgsm",), bit_widths=[8], max_samples=8,
+                                            calibrate_batches=1, transfer=False, diva=False, amplification=False)]):
+        pl.seed_everything(0, verbose=False)
+        labels = Labels()
+        trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[labels, *extra])
+        trainer.fit(UserCNN(), DataLoader(train, batch_size=16, shuffle=True), DataLoader(train, batch_size=16))
+        orders.append(torch.cat(labels.seen))
+    assert torch.equal(orders[0], orders[1])

@@ -101,9 +101,10 @@ def check_batch(inputs: Any, targets: Any, clip_min: float, clip_max: float) -> 
         raise ValueError(f"inputs and targets must be on the same device, got {inputs.device} and {targets.device}")
     if inputs.numel() == 0:
         return
-    if torch.isnan(inputs).any():
+    values = inputs.detach()
+    if torch.isnan(values).any():
         raise ValueError("inputs contain NaN")
-    low, high = float(inputs.min()), float(inputs.max())
+    low, high = float(values.min()), float(values.max())
     if low < clip_min or high > clip_max:
         raise ValueError(
             f"inputs must lie in the input domain [clip_min, clip_max] = [{clip_min:g}, {clip_max:g}], "

@@ -163,7 +163,7 @@ def apgd(
     checkpoints = apgd_checkpoints(steps)
     with attack_mode(model):
         x = as_attack_tensor(inputs)
-        y = as_attack_tensor(targets)
+        y = as_attack_tensor(targets).long()
         result = x.clone()
         if x.shape[0] == 0:
             return result

@@ -145,7 +145,7 @@ def diva(
     view = (-1,) + (1,) * (inputs.ndim - 1)
     with attack_mode(float_net, quant_model):
         x = as_attack_tensor(inputs)
-        y = as_attack_tensor(targets)
+        y = as_attack_tensor(targets).long()
         if x.shape[0] == 0:
             return x.clone()
         x_adv = x.clone()

@@ -69,7 +69,7 @@ def fgsm(
     eps = check_eps(eps, "linf", inputs, clip_min, clip_max)
     with attack_mode(model):
         x = as_attack_tensor(inputs)
-        y = as_attack_tensor(targets)
+        y = as_attack_tensor(targets).long()
         if x.shape[0] == 0:
             return x.clone()
         x_in = x.clone().requires_grad_(True)

@@ -117,7 +117,7 @@ def pgd(
     direction = -1.0 if targeted else 1.0
     with attack_mode(model):
         x = as_attack_tensor(inputs)
-        y = as_attack_tensor(targets)
+        y = as_attack_tensor(targets).long()
         if x.shape[0] == 0:
             return x.clone()
         if norm == "linf":

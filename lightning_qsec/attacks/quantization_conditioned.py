@@ -399,7 +399,8 @@ def quantization_conditioned_attack(
             loss = loss + ((F.cross_entropy(logits[hit], y[hit], reduction="none") - ce_margin) ** 2).mean()
         return loss
 
-    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+    rng_devices = [device] if device.type == "cuda" else []  # manual_seed also seeds CUDA
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         try:
             # Phase 1: inject the malicious behaviour into the quantized view.
@@ -435,9 +436,9 @@ def quantization_conditioned_attack(
                             with torch.no_grad():
                                 for weight, (low, high) in zip(weights, boxes):
                                     weight.copy_(torch.minimum(torch.maximum(weight, low), high))
-                for weight in weights:
-                    weight.grad = None
         finally:
+            for param in attacked.parameters():
+                param.grad = None
             for module, training in flags.items():
                 module.train(training)
     final = _integers(attacked, combos)

@@ -138,7 +138,7 @@ def transfer_attack(
     run = _resolve(attack)
     adversarial = run(source_model, inputs, targets, **attack_kwargs)
     with torch.inference_mode(False):
-        y = as_attack_tensor(targets)
+        y = as_attack_tensor(targets).long()
         src_clean = _predict(source_model, inputs) == y
         tgt_clean = _predict(target_model, inputs) == y
         src_adv = _predict(source_model, adversarial) == y

@@ -52,11 +52,14 @@ def quantized_target(
 
     The twin is a copy quantized at w8a8 (bit widths are changed in place afterwards)
     and calibrated on ``calibrate_batches`` training batches. It is the only copy any
-    hook makes, and only for a module that has never been quantized.
+    hook makes, and only for a module that has never been quantized. It is built under a
+    forked RNG (new Brevitas layers draw initial values, a shuffled calibration loader
+    draws its order), so adding a hook does not change what the model trains on next.
     """
     if is_quantized(pl_module):
         return pl_module, False
-    with torch.inference_mode(False):
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False):
         twin = copy.deepcopy(pl_module)
         quantize_model(twin)
         calibrate(twin, calibration_loader(trainer), calibrate_batches, batch_adapter=batch_adapter)

@@ -24,6 +24,7 @@ from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["PrecisionSweep"]
 
+
 class PrecisionSweep(EvaluationCallback):
     """Accuracy of the float model and of each precision, their drop and disagreement.
 
@@ -219,7 +220,9 @@ class PrecisionSweep(EvaluationCallback):
                              "predictions flipped", "max |logit diff|"],
                     rows=onnx_rows,
                 ))
-                notes.append("onnxruntime settings are recorded per precision in report.json; judge the deployed runtime.")
+                onnx_note = "onnxruntime settings are recorded per precision in report.json; judge the deployed runtime."
+                if onnx_note not in notes:
+                    notes.append(onnx_note)
         latest = self.results.get("test") or self.results.get("validate") or {}
         plots.append(Plot(
             filename="accuracy_vs_bit_width.png", title="Accuracy vs bit width", xlabel="precision",

@@ -48,7 +48,9 @@ class QuantizationAwareTraining(pl.Callback):
     and DDP wrapping. It is idempotent and ``forward`` is never wrapped. Weights start
     from the module's float weights. With ``calibrate_batches > 0`` the activation
     scales are calibrated on that many training batches before the first step (under
-    DDP on the batches of all ranks, so every rank gets the scales of a one-process run); with 0 Brevitas gathers them over the first training steps.
+    DDP on the batches of all ranks, so every rank gets the scales of a one-process run),
+    with BatchNorm normalising by batch statistics as training will (``calibrate(...,
+    batchnorm="batch")``); with 0 Brevitas gathers them over the first training steps.
 
     The configuration, the calibration flag and the exact activation-statistics state
     live in ``state_dict()``, so a resumed run matches an uninterrupted one. Load a
@@ -131,7 +133,8 @@ class QuantizationAwareTraining(pl.Callback):
         adapter = self.batch_adapter
         if trainer.world_size > 1:
             loader, adapter = _gathered_batches(trainer, loader, self.calibrate_batches, adapter), None
-        calibrate(pl_module, loader, self.calibrate_batches, batch_adapter=adapter)
+        # BatchNorm as training will run it: with batch statistics (running ones may be untrained)
+        calibrate(pl_module, loader, self.calibrate_batches, batch_adapter=adapter, batchnorm="batch")
         self.calibrated = True
         rank_zero_info(f"QuantizationAwareTraining: activation scales calibrated on {self.calibrate_batches} batches")
 

@@ -124,8 +124,9 @@ class RobustnessEvaluation(EvaluationCallback):
       (among samples both models get right, the fraction where the float model stays
       right and the quantized one turns wrong);
     * ``amplification``: the error-amplification ratio of Defensive Quantization
-      (:func:`~lightning_qsec.quant.amplification.error_amplification_ratio`, FGSM
-      at ``transfer_eps`` on each model), quantized over float;
+      (:func:`~lightning_qsec.quant.amplification.error_amplification_ratio`, one
+      gradient step of size ``transfer_eps`` on each model: FGSM for ``norm="linf"``,
+      the L2 fast gradient method for ``"l2"``), quantized over float;
     * the fraction of samples whose loss has a zero input gradient, and the gradient
       masking flags of :func:`~lightning_qsec.callbacks._masking.gradient_masking_flags`.
 
@@ -270,6 +271,13 @@ class RobustnessEvaluation(EvaluationCallback):
                        generator=self._generator(x), **domain)
         return apgd(model, x, y, eps=eps, steps=self.steps, norm=self.norm, seed=self.seed, **domain)
 
+    def _one_step(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+        """One gradient step of size ``eps`` in ``norm``: FGSM for linf, the L2 fast gradient method for l2."""
+        domain = {"clip_min": self.clip_min, "clip_max": self.clip_max}
+        if self.norm == "linf":
+            return fgsm(model, x, y, eps=eps, **domain)
+        return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm="l2", random_start=False, **domain)
+
     @staticmethod
     def _predict(model: nn.Module, x: Tensor) -> Tensor:
         with attack_mode(model), torch.no_grad():
@@ -280,7 +288,7 @@ class RobustnessEvaluation(EvaluationCallback):
         """Per sample: is the input gradient of the cross-entropy exactly zero (or denormal)?"""
         with attack_mode(model):
             x_in = as_attack_tensor(x).clone().requires_grad_(True)
-            loss = F.cross_entropy(model(x_in), as_attack_tensor(y), reduction="sum")
+            loss = F.cross_entropy(model(x_in), as_attack_tensor(y).long(), reduction="sum")
             if not loss.requires_grad:  # the output does not depend differentiably on the input
                 return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
             (grad,) = torch.autograd.grad(loss, x_in, allow_unused=True)
@@ -329,7 +337,7 @@ class RobustnessEvaluation(EvaluationCallback):
                     continue
                 if self.amplification:
                     if fgsm_mid is None:
-                        fgsm_mid = fgsm(model, x, y, eps=mid, clip_min=self.clip_min, clip_max=self.clip_max)
+                        fgsm_mid = self._one_step(model, x, y, mid)
                     terms = amplification_terms(model, x, fgsm_mid)
                     if precision is None:
                         float_amp = terms

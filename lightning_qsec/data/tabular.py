@@ -329,13 +329,10 @@ class AdultDataModule(TabularDataModule):
         self.save_hyperparameters()
 
     @staticmethod
-    def _read(path: Path, *, skip_first: bool) -> list[list[str]]:
-        rows = []
+    def _read(path: Path) -> list[list[str]]:
+        rows = []  # lines that are not records (adult.test's "|1x3 Cross validator" header, blanks) are skipped
         with open(path, newline="", encoding="utf-8") as fh:
-            lines = iter(fh)
-            if skip_first:
-                next(lines, None)
-            for line in lines:
+            for line in fh:
                 fields = [f.strip() for f in line.split(",")]
                 if len(fields) != len(ADULT_COLUMNS) or "?" in fields:
                     continue
@@ -345,8 +342,8 @@ class AdultDataModule(TabularDataModule):
 
     def _load(self) -> TabularSource:
         owner = type(self).__name__
-        train_rows = self._read(resolve_file(owner, self.root, "adult", "adult.data"), skip_first=False)
-        test_rows = self._read(resolve_file(owner, self.root, "adult", "adult.test"), skip_first=True)
+        train_rows = self._read(resolve_file(owner, self.root, "adult", "adult.data"))
+        test_rows = self._read(resolve_file(owner, self.root, "adult", "adult.test"))
         table = _table(train_rows + test_rows, ADULT_COLUMNS)
         y = (table["income"] == ">50K").astype(np.int64)
         if self.sensitive == "sex":

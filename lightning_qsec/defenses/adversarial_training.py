@@ -130,9 +130,9 @@ class AdversarialTraining(pl.Callback):
       no ``.grad`` written, modes restored).
     * ``pgd`` / ``fgsm_rs``: the adversarial rows are written **into the batch's input
       tensor in place** (``inputs[:k].copy_(x_adv)``), so the user's ``training_step``
-      trains on them with its own loss. The batch must therefore not be a view into
-      your dataset (a ``ValueError`` says so when it is); default DataLoader collation
-      makes fresh tensors.
+      trains on them with its own loss. The clean values are copied back at
+      ``on_train_batch_end`` (and on an exception), so a loader that hands out stored
+      tensors or views of your dataset never sees them changed.
     * ``trades``: the batch is left clean. In ``on_after_backward`` (once per
       micro-batch) the callback runs the model on the clean and adversarial rows, in
       the train/eval mode of training, and adds the gradient of
@@ -189,8 +189,8 @@ class AdversarialTraining(pl.Callback):
     Raises:
         ValueError: a bad argument, naming it (at construction); a second instance,
             manual optimization, or ``on="float"`` with a model that is not quantized
-            (at the start of training); a batch whose inputs are a view of a larger
-            tensor, or lie outside ``[clip_min, clip_max]`` (at that batch).
+            (at the start of training); a batch whose inputs lie outside
+            ``[clip_min, clip_max]`` (at that batch).
 
     Example:
         >>> import pytorch_lightning as pl
@@ -270,6 +270,7 @@ class AdversarialTraining(pl.Callback):
         self._read = adapter_or_default(batch_adapter)
         self.batches_attacked = 0
         self._trades: tuple[Tensor, Tensor] | None = None
+        self._clean: tuple[Tensor, Tensor] | None = None  # (the batch rows written, their clean values)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -377,8 +378,6 @@ class AdversarialTraining(pl.Callback):
         count = int(round(self.ratio * inputs.shape[0]))
         if count == 0:
             return
-        if self.method != "trades":
-            _check_writable(inputs)
         x, y = inputs[:count], targets[:count]
         generator = self._generator(trainer, inputs.device, batch_idx)
         target = self._target(pl_module)
@@ -398,8 +397,16 @@ class AdversarialTraining(pl.Callback):
             self._trades = (x, x_adv.to(x.dtype))
         else:
             with torch.no_grad():
+                self._clean = (x, x.clone())
                 x.copy_(x_adv)
         self.batches_attacked += 1
+
+    def _restore_clean(self) -> None:
+        if self._clean is not None:
+            x, clean = self._clean
+            self._clean = None
+            with torch.no_grad():
+                x.copy_(clean)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._trades is None:
@@ -438,9 +445,11 @@ class AdversarialTraining(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._trades = None
+        self._restore_clean()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._trades = None
+        self._restore_clean()
 
     # -- state ---------------------------------------------------------------------------
 
@@ -455,19 +464,6 @@ class AdversarialTraining(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_resumed_config("AdversarialTraining", state_dict.get("config"), self.config())
         self.batches_attacked = int(state_dict.get("batches_attacked", 0))
-
-
-def _check_writable(inputs: Tensor) -> None:
-    """Refuse to write into a tensor that is a view of a larger one (e.g. a slice of the dataset)."""
-    storage_bytes = inputs.untyped_storage().nbytes()
-    own_bytes = inputs.numel() * inputs.element_size()
-    if inputs._base is not None or storage_bytes > own_bytes:
-        raise ValueError(
-            f"AdversarialTraining writes adversarial inputs into the batch in place, but the batch's inputs "
-            f"(shape {tuple(inputs.shape)}) are a view of a larger tensor ({storage_bytes} bytes of storage for "
-            f"{own_bytes} bytes of inputs), probably your dataset: writing would corrupt it. Return a copy "
-            "per batch from your DataLoader (the default collate does)"
-        )
 
 
 def _check_domain(x: Tensor, clip_min: float, clip_max: float) -> None:

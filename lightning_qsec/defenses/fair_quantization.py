@@ -111,8 +111,9 @@ class FairQuantizationTraining(BatchRegularizer):
         mode: ``"balanced_distillation"`` or ``"group_dro"``.
         num_groups: number of groups; group labels must lie in ``0..num_groups-1``.
             ``None``: the datamodule's ``num_groups`` attribute if it has one, else
-            ``max label + 1`` of the first batch (``group_dro`` then refuses a later,
-            larger label).
+            ``max label + 1`` of the batches seen so far (``balanced_distillation``
+            grows it when a later batch has a larger label; ``group_dro``, whose
+            weights are per group, refuses that label).
         dro_step: exponentiated-gradient step size of ``group_dro``, ``> 0``.
         teacher: ``"live"`` or ``"frozen"`` (see above).
         batch_adapter: reads a batch into a :class:`~lightning_qsec.Batch` with groups.
@@ -170,6 +171,7 @@ class FairQuantizationTraining(BatchRegularizer):
         self.mode: FairQATMode = mode
         self.num_groups_arg = num_groups
         self.num_groups: int | None = num_groups
+        self._inferred_groups = False  # num_groups taken from the batches, not given or from the datamodule
         self.dro_step = float(dro_step)
         self.teacher: FairQATTeacher = teacher
         self.teacher_params: dict[str, Tensor] | None = None
@@ -195,6 +197,7 @@ class FairQuantizationTraining(BatchRegularizer):
         return {
             "config": self.config(),
             "num_groups": self.num_groups,
+            "inferred_groups": self._inferred_groups,
             "group_weights": weights,
             "teacher_params": frozen,
         }
@@ -202,6 +205,7 @@ class FairQuantizationTraining(BatchRegularizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_groups = state_dict.get("num_groups", self.num_groups)
+        self._inferred_groups = bool(state_dict.get("inferred_groups", self._inferred_groups))
         weights = state_dict.get("group_weights")
         self.group_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64).clone()
         frozen = state_dict.get("teacher_params")
@@ -223,7 +227,11 @@ class FairQuantizationTraining(BatchRegularizer):
         if len(groups) and int(groups.min()) < 0:
             raise ValueError(f"FairQuantizationTraining: group labels must be >= 0, got {int(groups.min())}")
         if self.num_groups is None:
+            self._inferred_groups = True
             self._set_num_groups(int(groups.max()) + 1 if len(groups) else 1)
+        if len(groups) and int(groups.max()) >= self.num_groups and self._inferred_groups:
+            if self.mode == "balanced_distillation":
+                self._set_num_groups(int(groups.max()) + 1)
         if len(groups) and int(groups.max()) >= self.num_groups:
             raise ValueError(
                 f"FairQuantizationTraining: group label {int(groups.max())} is out of range for "

@@ -10,7 +10,7 @@ from typing import Any
 from brevitas.nn import (
     QuantConv1d,
     QuantConv2d,
-    QuantHardTanh,
+    QuantIdentity,
     QuantLinear,
     QuantReLU,
     QuantSigmoid,
@@ -22,12 +22,40 @@ from brevitas.quant import (
     Int8WeightPerTensorFloat,
     Uint8ActPerTensorFloat,
 )
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.inspect import is_quantized
 
-__all__ = ["quantize_model", "WEIGHT_LAYERS", "ACTIVATIONS"]
+__all__ = ["quantize_model", "QuantClampHardtanh", "WEIGHT_LAYERS", "ACTIVATIONS"]
+
+
+class QuantClampHardtanh(nn.Module):
+    """``nn.Hardtanh`` in float, then a signed activation quantizer on its output.
+
+    Brevitas' ``QuantHardTanh`` clamps inside its quantizer, so with a statistics-based
+    scale the clamp follows the statistics of its *input* and is lost, and with
+    quantization off (:func:`~lightning_qsec.quant.float_mode`) it disappears. Here the
+    clamp is a float ``nn.Hardtanh`` that always runs and the quantizer (a
+    ``QuantIdentity``) only sees its output.
+
+    Example:
+        >>> import torch
+        >>> act = QuantClampHardtanh(-1.0, 1.0, bit_width=8)
+        >>> bool(act(torch.tensor([-3.0, 0.5, 3.0])).abs().max() <= 1.0)
+        True
+    """
+
+    def __init__(self, min_val: float, max_val: float, *, bit_width: int) -> None:
+        super().__init__()
+        self.clamp = nn.Hardtanh(min_val, max_val)
+        self.quant = QuantIdentity(
+            act_quant=Int8ActPerTensorFloat, bit_width=bit_width, bit_width_impl_type="stateful_const"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quant(self.clamp(x))
+
 
 WEIGHT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
@@ -36,7 +64,7 @@ WEIGHT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
 }
 ACTIVATIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU: QuantReLU,
-    nn.Hardtanh: QuantHardTanh,
+    nn.Hardtanh: QuantClampHardtanh,
     nn.Sigmoid: QuantSigmoid,
     nn.Tanh: QuantTanh,
 }
@@ -87,13 +115,7 @@ def _weight_layer(module: nn.Module, bits: int, input_bits: int | None, per_chan
 
 def _activation(module: nn.Module, bits: int) -> nn.Module:
     if type(module) is nn.Hardtanh:
-        return QuantHardTanh(
-            act_quant=Int8ActPerTensorFloat,
-            min_val=module.min_val,
-            max_val=module.max_val,
-            bit_width=bits,
-            bit_width_impl_type="stateful_const",
-        )
+        return QuantClampHardtanh(module.min_val, module.max_val, bit_width=bits)
     quant_cls = ACTIVATIONS[type(module)]
     act_quant = Uint8ActPerTensorFloat if quant_cls in (QuantReLU, QuantSigmoid) else Int8ActPerTensorFloat
     return quant_cls(act_quant=act_quant, bit_width=bits, bit_width_impl_type="stateful_const")
@@ -152,9 +174,10 @@ def quantize_model(
     place. Activation scales are learned, initialised from statistics of the first
     training steps or from :func:`~lightning_qsec.quant.calibrate`. Other leaf layers
     with parameters, and other activations, stay float with one warning that lists
-    them; normalisation layers stay float silently (they fold into the quantized
-    layers at export). ``forward`` is never wrapped. Activations applied through
-    ``torch.nn.functional`` are not module calls and are not quantized.
+    them; normalisation layers stay float silently (also in the exported graph:
+    they are not folded into the quantized layers). ``forward`` is never wrapped.
+    Activations applied through ``torch.nn.functional`` are not module calls and are
+    not quantized.
 
     Args:
         model: the float model; changed in place and returned.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lightning_qsec._eval import eval_mode
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.quant.precision import require_quantized
+from lightning_qsec.report.atomic import replace_atomic
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -75,22 +76,6 @@ def _check_graph_optimization(value: str) -> str:
     if value not in GRAPH_OPTIMIZATIONS:
         raise ValueError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATIONS)}, got {value!r}")
     return value
-
-
-def _fsync_file_and_dir(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-    if os.name == "posix":
-        try:
-            fd = os.open(path.parent, os.O_RDONLY)
-        except OSError:  # pragma: no cover
-            return
-        try:
-            os.fsync(fd)
-        except OSError:  # pragma: no cover - some file systems refuse directory fsync
-            pass
-        finally:
-            os.close(fd)
 
 
 def export_onnx(
@@ -203,8 +188,7 @@ def export_onnx(
         onnx.checker.check_model(str(tmp), full_check=format == "qcdq")
         if dynamic_batch:
             _verify_dynamic_batch(tmp, example)
-        _fsync_file_and_dir(tmp)
-        os.replace(tmp, target)
+        replace_atomic(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()

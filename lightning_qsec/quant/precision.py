@@ -90,7 +90,9 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Switch every weight, bias and activation quantizer off, in place, and back on at exit.
 
     The float model is the one the quantized model simulates: same weights, no rounding.
-    Activation statistics are not touched.
+    Activation statistics are not touched, and every submodule's train/eval flag is as it
+    was, on entry and at exit (Brevitas' status manager sets its quantizers to the
+    model's flag, which would unfreeze a block kept in eval mode).
 
     Example:
         >>> import torch
@@ -101,7 +103,14 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
         ...     y = net(torch.randn(3, 4))
     """
     require_quantized(model)
-    with quantization_status_manager(
-        model, disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True
-    ):
-        yield model
+    flags = {m: m.training for m in model.modules()}
+    try:
+        with quantization_status_manager(
+            model, disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True
+        ):
+            for module, training in flags.items():
+                module.training = training
+            yield model
+    finally:
+        for module, training in flags.items():
+            module.training = training

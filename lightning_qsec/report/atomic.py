@@ -10,11 +10,12 @@ is left untouched.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["write_bytes_atomic", "write_text_atomic"]
+__all__ = ["replace_atomic", "write_bytes_atomic", "write_text_atomic"]
 
 
 def _fsync_dir(dirpath: Path) -> None:
@@ -31,6 +32,25 @@ def _fsync_dir(dirpath: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_atomic(temporary: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move a complete temporary file over ``path``: fsync it, give it the mode a new file
+    would get (``0o666`` less the umask) or the mode of the file it replaces, rename, fsync
+    the directory. The temporary file must be in ``path``'s directory."""
+    temporary, target = Path(temporary), Path(path)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    if target.exists():
+        mode = stat.S_IMODE(target.stat().st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(temporary, mode)  # mkstemp creates 0o600, which other users and containers cannot read
+    os.replace(temporary, target)
+    _fsync_dir(target.parent)
+    return target
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> Path:
@@ -58,16 +78,13 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | Iterable[byte
             else:
                 for chunk in data:
                     handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        replace_atomic(tmp_name, target)
     except BaseException:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
     return target
 
 
