@@ -1,4 +1,4 @@
-"""Group-fairness metrics: equal to fairlearn (single process and 2-process DDP), and bad input."""
+"""Group-fairness metrics: equal to fairlearn (single process and 2-process DDP), forward on a batch, and bad input."""
 
 from __future__ import annotations
 
@@ -202,6 +202,124 @@ def test_docstring_examples(module_name: str) -> None:
     assert result.attempted > 0 and result.failed == 0
 
 
+# --------------------------------------------------------------------------- forward on one batch
+
+ALL = [*BINARY, "group_accuracy", "qid"]
+
+
+def _metric(name: str, num_groups: int = 3) -> Metric:
+    cls = {"group_accuracy": GroupAccuracy, "qid": QuantizationInducedDisparity}.get(name) or BINARY[name][1]
+    return cls(num_groups=num_groups)
+
+
+def _args(name: str, data: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    preds = (data["float"][idx], data["quant"][idx]) if name == "qid" else (data["float"][idx],)
+    return (*preds, data["target"][idx], data["groups"][idx])
+
+
+def _functional(name: str, data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, float]:
+    """The stateless value on ``data[idx]``, as a dict of floats."""
+    args = _args(name, data, idx)
+    if name == "group_accuracy":
+        by_group = group_accuracy(*args, num_groups=3)
+        out = {f"group_{g}": float(by_group[g]) for g in range(3)}
+        return {**out, "worst_group_accuracy": float(worst_group_accuracy(*args, num_groups=3))}
+    fn = quantization_induced_disparity if name == "qid" else BINARY[name][0]
+    return {name: float(fn(*args, num_groups=3))}
+
+
+def _reference(name: str, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """fairlearn's value on all of ``data``, as a dict of floats."""
+    preds, t, g = np_labels(data["float"]), data["target"].numpy(), data["groups"].numpy()
+    if name == "group_accuracy":
+        by_group, worst, _ = fairlearn_group_accuracy(preds, t, g)
+        return {**{f"group_{i}": float(by_group[i]) for i in range(3)}, "worst_group_accuracy": worst}
+    if name == "qid":
+        return {name: reference_qid(preds, np_labels(data["quant"]), t, g)[0]}
+    return {name: fairlearn_reference(name, preds, t, g)}
+
+
+def _as_dict(name: str, value) -> dict[str, torch.Tensor]:
+    return value if isinstance(value, dict) else {name: value}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_on_a_batch_without_a_group_gives_nan_and_keeps_accumulating(name: str) -> None:
+    pytest.importorskip("fairlearn")
+    data = make_data(5, n=400)
+    groups, target = data["groups"], data["target"]
+    idx = torch.arange(400)
+    missing = idx[(idx >= 100) & (idx < 200) & (groups != 2)]  # group 2 absent
+    first2 = 200 + int((groups[200:300] == 2).nonzero()[0])
+    single = idx[(idx >= 200) & (idx < 300) & ((groups != 2) | (idx == first2))]
+    assert int((groups[single] == 2).sum()) == 1  # group 2 has a single member
+    no_pos = idx[(idx >= 300) & ((groups != 1) | (target == 0))]  # group 1 without positive targets
+    metric = _metric(name)
+    metric.update(*_args(name, data, idx[:100]))
+    for batch in (missing, single):
+        value = _as_dict(name, metric(*_args(name, data, batch)))
+        assert set(value) == set(_functional(name, data, idx[:100]))
+        assert all(torch.isnan(v) for v in value.values()), (name, value)
+    assert metric._to_sync and not metric._is_synced  # torchmetrics' own forward left _to_sync False here
+    value = _as_dict(name, metric(*_args(name, data, no_pos)))
+    if name.startswith("equal"):  # no TPR for group 1
+        assert all(torch.isnan(v) for v in value.values())
+    else:  # a well-defined batch: its own value, not the accumulated one
+        for key, expected in _functional(name, data, no_pos).items():
+            close(value[key], expected)
+    used = torch.cat([idx[:100], missing, single, no_pos])
+    assert torch.equal(metric.total if hasattr(metric, "total") else metric.pos + metric.neg,
+                       torch.bincount(groups[used], minlength=3))
+    everything = {k: v[used] for k, v in data.items()}
+    accumulated = _as_dict(name, metric.compute())
+    for key, expected in _reference(name, everything).items():
+        close(accumulated[key], expected)
+    for key, expected in _functional(name, data, used).items():
+        close(accumulated[key], expected)
+
+
+def test_forward_on_a_good_batch_is_its_own_value_and_update_errors_keep_the_state() -> None:
+    data = make_data(6, n=300)
+    idx = torch.arange(300)
+    metric = DemographicParityDifference(num_groups=3)
+    metric.update(*_args("demographic_parity_difference", data, idx[:150]))
+    value = metric(*_args("demographic_parity_difference", data, idx[150:]))
+    close(value, _functional("demographic_parity_difference", data, idx[150:])["demographic_parity_difference"])
+    assert metric._forward_cache is value  # what Lightning logs for on_step
+    before = metric.selected.clone(), metric.total.clone()
+    with pytest.raises(ValueError, match="outside 0..2"):
+        metric(data["float"][:4], data["target"][:4], torch.tensor([0, 1, 3, 1]))
+    assert torch.equal(metric.selected, before[0]) and torch.equal(metric.total, before[1])
+    close(metric.compute(), _functional("demographic_parity_difference", data, idx)["demographic_parity_difference"])
+
+
+def test_group_drops_error_leaves_the_states_unchanged() -> None:
+    target = torch.tensor([1, 0, 1, 0])
+    metric = QuantizationInducedDisparity(num_groups=2)
+    metric.update(target, target, target, torch.tensor([0, 0, 0, 0]))
+    for _ in range(2):  # the second call would find synced states if the first had left them so
+        with pytest.raises(ValueError, match=r"group label\(s\) \[1\] have no samples"):
+            metric.group_drops()
+        assert not metric._is_synced and metric.total.tolist() == [4, 0]
+    metric.update(target, 1 - target, target, torch.tensor([1, 1, 1, 1]))
+    np.testing.assert_allclose(metric.group_drops().numpy(), [0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("fn", "extra"),
+    [(demographic_parity_difference, 0), (demographic_parity_ratio, 0), (selection_rate, 0),
+     (equalized_odds_difference, 0), (equal_opportunity_difference, 0), (group_accuracy, 0),
+     (worst_group_accuracy, 0), (quantization_induced_disparity, 1), (group_accuracy_drop, 1)],
+)
+def test_functional_num_groups_is_checked(fn, extra: int) -> None:
+    target = torch.tensor([1, 0, 1, 0])
+    args = (target,) * (2 + extra) + (torch.tensor([0, 0, 1, 1]),)
+    for bad in (0, 2.5, -1, True):
+        with pytest.raises(ValueError, match=r"`num_groups` must be an integer >= 1"):
+            fn(*args, num_groups=bad)
+    assert torch.isfinite(fn(*args, num_groups=2)).all()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -331,13 +449,15 @@ def _ddp_results(data: dict[str, torch.Tensor], shards: list[list[tuple[int, int
     metrics: dict[str, Metric] = {name: cls(num_groups=3) for name, (_, cls) in BINARY.items()}
     metrics["group_accuracy"] = GroupAccuracy(num_groups=3)
     metrics["qid"] = QuantizationInducedDisparity(num_groups=3)
-    for start, stop in shards[rank]:
-        s = slice(start, stop)
+    for i, (start, stop) in enumerate(shards[rank]):
+        batch = torch.arange(start, stop)
         for name, metric in metrics.items():
-            if name == "qid":
-                metric.update(data["float"][s], data["quant"][s], data["target"][s], data["groups"][s])
+            if rank == 0 and i == 0:  # forward on the batch without group 2 (nan), then group 2 by update
+                without = data["groups"][batch] != 2
+                assert all(torch.isnan(v) for v in _as_dict(name, metric(*_args(name, data, batch[without]))).values())
+                metric.update(*_args(name, data, batch[~without]))
             else:
-                metric.update(data["float"][s], data["target"][s], data["groups"][s])
+                metric.update(*_args(name, data, batch))
     out: dict[str, torch.Tensor] = {}
     for name, metric in metrics.items():
         value = metric.compute()
@@ -355,7 +475,22 @@ def _ddp_worker(rank: int, port: int, tmp_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
     try:
         payload = torch.load(Path(tmp_dir) / "data.pt", weights_only=True)
-        torch.save(_ddp_results(payload["data"], payload["shards"]), Path(tmp_dir) / f"rank{rank}.pt")
+        data, shards = payload["data"], payload["shards"]
+        results = _ddp_results(data, shards)
+        # dist_sync_on_step: forward's batch value sums the batch counts of both ranks
+        on_step = DemographicParityDifference(num_groups=3, dist_sync_on_step=True)
+        first = [torch.arange(*shard[0]) for shard in shards]
+        results["on_step"] = on_step(*_args("demographic_parity_difference", data, first[rank]))
+        both = _args("demographic_parity_difference", data, torch.cat(first))
+        results["on_step_expected"] = demographic_parity_difference(*both)
+        # group_drops raising on the synced states (group 2 absent on both ranks) leaves them unsynced
+        qid = QuantizationInducedDisparity(num_groups=3)
+        local = first[rank][data["groups"][first[rank]] != 2]
+        qid.update(*_args("qid", data, local))
+        with pytest.raises(ValueError, match=r"group label\(s\) \[2\] have no samples"):
+            qid.group_drops()
+        assert not qid._is_synced and torch.equal(qid.total, torch.bincount(data["groups"][local], minlength=3))
+        torch.save(results, Path(tmp_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -391,6 +526,7 @@ def test_ddp_two_processes_match_fairlearn(tmp_path: Path) -> None:
     single = _ddp_results(data, [[(0, n)]])
     for rank in range(WORLD_SIZE):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        close(results.pop("on_step"), results.pop("on_step_expected").item())
         assert set(results) == set(expected)
         for name, value in expected.items():
             close(results[name], value)

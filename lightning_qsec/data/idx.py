@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_qsec.report.atomic import write_bytes_atomic
+
 __all__ = ["read_idx", "write_idx"]
 
 # IDX type byte -> big-endian numpy dtype.
@@ -89,12 +91,14 @@ def write_idx(path: str | Path, array: np.ndarray, *, compress: bool | None = No
     codes = {dt.newbyteorder("=").str[1:]: code for code, dt in _IDX_DTYPES.items()}
     key = array.dtype.newbyteorder("=").str[1:]
     if key not in codes:
-        raise ValueError(f"IDX has no type for dtype {array.dtype}")
+        raise ValueError(
+            f"array has dtype {array.dtype}, which IDX has no type for; allowed: uint8, int8, int16, int32, "
+            "float32, float64"
+        )
     code = codes[key]
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     body = np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
     if compress is None:
         compress = path.suffix == ".gz"
     payload = gzip.compress(header + body) if compress else header + body
-    path.write_bytes(payload)
-    return path
+    return write_bytes_atomic(path, payload)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from lightning_qsec.metrics.attack_success_rate import AttackSuccessRate
 from lightning_qsec.metrics._correct_count import CorrectCount
+from lightning_qsec.metrics._count_state import CountStateMetric
+from lightning_qsec.metrics.functional._checks import safe_ratio
+from lightning_qsec.metrics.functional.attack_success_rate import _attack_success_rate_update
 from lightning_qsec.metrics.functional.backdoor import _clean_accuracy_update, defense_effectiveness_rate
 
 __all__ = ["CleanAccuracy", "DefenseEffectivenessRate"]
@@ -41,17 +43,20 @@ class CleanAccuracy(CorrectCount):
         self._add(*_clean_accuracy_update(preds, target))
 
 
-class DefenseEffectivenessRate(Metric):
+class DefenseEffectivenessRate(CountStateMetric):
     """BackdoorBench's defense effectiveness rate (DER) of a backdoor defense.
 
     Each :meth:`update` takes the predictions of the backdoored model (``before``) and
     of the defended model (``after``) on the same clean and triggered samples. Clean
-    accuracy is :class:`CleanAccuracy`; attack success is
-    :class:`~lightning_qsec.metrics.AttackSuccessRate` (``targeted=True``), so samples
+    accuracy is :class:`CleanAccuracy`'s; attack success is
+    :class:`~lightning_qsec.metrics.AttackSuccessRate`'s (``targeted=True``), so samples
     of the target class are left out of the ASR. :meth:`compute` returns
-    ``[max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1] / 2``;
-    the four parts are the child metrics ``acc_before``, ``acc_after``, ``asr_before``
-    and ``asr_after``.
+    ``[max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1] / 2``.
+    The states are sum-reduced counts: ``correct_before``, ``correct_after`` and
+    ``total`` (clean samples), ``successes_before``, ``successes_after`` and ``attempts``
+    (triggered samples outside the target class). Called on a batch (``forward``), it
+    adds the batch like :meth:`update` and returns the batch's own DER, ``nan`` where
+    that batch alone leaves it undefined (no sample outside the target class).
 
     Example:
         >>> import torch
@@ -69,12 +74,17 @@ class DefenseEffectivenessRate(Metric):
     plot_lower_bound: float = 0.0
     plot_upper_bound: float = 1.0
 
+    correct_before: Tensor
+    correct_after: Tensor
+    total: Tensor
+    successes_before: Tensor
+    successes_after: Tensor
+    attempts: Tensor
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.acc_before = CleanAccuracy(**kwargs)
-        self.acc_after = CleanAccuracy(**kwargs)
-        self.asr_before = AttackSuccessRate(targeted=True, **kwargs)
-        self.asr_after = AttackSuccessRate(targeted=True, **kwargs)
+        for name in ("correct_before", "correct_after", "total", "successes_before", "successes_after", "attempts"):
+            self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -96,20 +106,25 @@ class DefenseEffectivenessRate(Metric):
             target: true class indices ``(N,)``.
             attack_target: the backdoor's target class (int, 0-d tensor or ``(N,)``).
         """
-        self.acc_before.update(before_clean, target)
-        self.acc_after.update(after_clean, target)
-        self.asr_before.update(before_clean, before_triggered, target, attack_target=attack_target)
-        self.asr_after.update(after_clean, after_triggered, target, attack_target=attack_target)
+        if attack_target is None:
+            raise ValueError("`attack_target` is required: DefenseEffectivenessRate measures a backdoor's target class")
+        correct_before, total = _clean_accuracy_update(before_clean, target)
+        correct_after, _ = _clean_accuracy_update(after_clean, target)
+        successes_before, attempts = _attack_success_rate_update(before_clean, before_triggered, target, attack_target)
+        successes_after, _ = _attack_success_rate_update(after_clean, after_triggered, target, attack_target)
+        self.correct_before += correct_before.to(self.device)
+        self.correct_after += correct_after.to(self.device)
+        self.total += total.to(self.device)
+        self.successes_before += successes_before.to(self.device)
+        self.successes_after += successes_after.to(self.device)
+        self.attempts += attempts.to(self.device)
 
-    def compute(self) -> Tensor:
-        """DER over all batches; raises ``ValueError`` when a part is ``nan`` (no update, or no eligible sample)."""
+    def _value(
+        self, *, correct_before: Tensor, correct_after: Tensor, total: Tensor,
+        successes_before: Tensor, successes_after: Tensor, attempts: Tensor,
+    ) -> Tensor:
+        """DER; raises ``ValueError`` when a part is ``nan`` (no update, or no eligible sample)."""
         return defense_effectiveness_rate(
-            asr_before=self.asr_before.compute(), asr_after=self.asr_after.compute(),
-            acc_before=self.acc_before.compute(), acc_after=self.acc_after.compute(),
+            asr_before=safe_ratio(successes_before, attempts), asr_after=safe_ratio(successes_after, attempts),
+            acc_before=safe_ratio(correct_before, total), acc_after=safe_ratio(correct_after, total),
         )
-
-    def reset(self) -> None:
-        """Reset the four parts."""
-        super().reset()
-        for child in (self.acc_before, self.acc_after, self.asr_before, self.asr_after):
-            child.reset()

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional._groups import as_result, check_group_counts, check_num_groups
 from lightning_qsec.metrics.functional.demographic_parity import (
     _demographic_parity_difference_from_counts,
@@ -18,7 +18,7 @@ from lightning_qsec.metrics.functional.demographic_parity import (
 __all__ = ["DemographicParityDifference", "DemographicParityRatio"]
 
 
-class _SelectionRates(Metric):
+class _SelectionRates(CountStateMetric):
     """Per-group selected/total counts (binary classification), sum-reduced."""
 
     is_differentiable: bool = False
@@ -54,7 +54,10 @@ class DemographicParityDifference(_SelectionRates):
     Binary classification only (targets and predicted labels 0/1, or logits ``(N, 2)``).
     The state is two ``(num_groups,)`` count tensors, sum-reduced (exact under DDP).
     :meth:`compute` raises a ``ValueError`` if nothing was seen, if a group never
-    appeared or if a group has a single sample.
+    appeared or if a group has a single sample. Called on a batch (``forward``, as in
+    ``self.log(name, metric(preds, target, groups))``), it adds the batch like
+    :meth:`update` and returns the batch's own value, ``nan`` where that batch alone
+    leaves it undefined (a group missing or of one sample).
 
     Args:
         num_groups: number of sensitive groups; group labels are ``0..num_groups-1``.
@@ -71,17 +74,17 @@ class DemographicParityDifference(_SelectionRates):
 
     higher_is_better: bool = False
 
-    def compute(self) -> Tensor:
-        """The difference over all batches and processes."""
-        check_group_counts(self.total, type(self).__name__)
-        return as_result(_demographic_parity_difference_from_counts(self.selected, self.total))
+    def _value(self, *, selected: Tensor, total: Tensor) -> Tensor:
+        check_group_counts(total, type(self).__name__)
+        return as_result(_demographic_parity_difference_from_counts(selected, total))
 
 
 class DemographicParityRatio(_SelectionRates):
     """Smallest over largest group selection rate; 1 is parity, ``nan`` if no group selects anyone.
 
     Equals ``fairlearn.metrics.demographic_parity_ratio(..., method="between_groups")``.
-    Arguments, states and errors as in :class:`DemographicParityDifference`.
+    Arguments, states, errors and the batch value of ``forward`` as in
+    :class:`DemographicParityDifference`.
 
     Example:
         >>> import torch
@@ -93,7 +96,6 @@ class DemographicParityRatio(_SelectionRates):
 
     higher_is_better: bool = True
 
-    def compute(self) -> Tensor:
-        """The ratio over all batches and processes."""
-        check_group_counts(self.total, type(self).__name__)
-        return as_result(_demographic_parity_ratio_from_counts(self.selected, self.total))
+    def _value(self, *, selected: Tensor, total: Tensor) -> Tensor:
+        check_group_counts(total, type(self).__name__)
+        return as_result(_demographic_parity_ratio_from_counts(selected, total))

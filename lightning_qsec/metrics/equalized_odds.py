@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional._groups import as_result, check_num_groups
 from lightning_qsec.metrics.functional.equalized_odds import (
     _check_rates,
@@ -19,7 +19,7 @@ from lightning_qsec.metrics.functional.equalized_odds import (
 __all__ = ["EqualOpportunityDifference", "EqualizedOddsDifference"]
 
 
-class _GroupRates(Metric):
+class _GroupRates(CountStateMetric):
     """Per-group true/false positive counts (binary classification), sum-reduced."""
 
     is_differentiable: bool = False
@@ -61,7 +61,9 @@ class EqualizedOddsDifference(_GroupRates):
     ``(num_groups,)`` count tensors, sum-reduced (exact under DDP). :meth:`compute`
     raises a ``ValueError`` if nothing was seen, if a group never appeared, has a single
     sample, or has no positive or no negative targets (its TPR or FPR would be
-    undefined; fairlearn reports 0 there).
+    undefined; fairlearn reports 0 there). Called on a batch (``forward``), it adds the
+    batch like :meth:`update` and returns the batch's own value, ``nan`` where that batch
+    alone leaves it undefined (a group missing, of one sample or without positives).
 
     Args:
         num_groups: number of sensitive groups; group labels are ``0..num_groups-1``.
@@ -77,10 +79,9 @@ class EqualizedOddsDifference(_GroupRates):
         tensor(0.5000)
     """
 
-    def compute(self) -> Tensor:
-        """The difference over all batches and processes."""
-        _check_rates(self.pos, self.neg, type(self).__name__, need_fpr=True)
-        return as_result(_equalized_odds_difference_from_counts(self.true_pos, self.pos, self.false_pos, self.neg))
+    def _value(self, *, true_pos: Tensor, pos: Tensor, false_pos: Tensor, neg: Tensor) -> Tensor:
+        _check_rates(pos, neg, type(self).__name__, need_fpr=True)
+        return as_result(_equalized_odds_difference_from_counts(true_pos, pos, false_pos, neg))
 
 
 class EqualOpportunityDifference(_GroupRates):
@@ -88,7 +89,8 @@ class EqualOpportunityDifference(_GroupRates):
 
     Equals ``fairlearn.metrics.equal_opportunity_difference(..., method="between_groups")``.
     Arguments and states as in :class:`EqualizedOddsDifference`; only a group without
-    positive targets (not one without negatives) is an error.
+    positive targets (not one without negatives) is an error. ``forward`` returns the
+    batch's own value, ``nan`` where that batch alone leaves it undefined.
 
     Example:
         >>> import torch
@@ -98,7 +100,6 @@ class EqualOpportunityDifference(_GroupRates):
         tensor(0.)
     """
 
-    def compute(self) -> Tensor:
-        """The difference over all batches and processes."""
-        _check_rates(self.pos, self.neg, type(self).__name__, need_fpr=False)
-        return as_result(_equal_opportunity_difference_from_counts(self.true_pos, self.pos))
+    def _value(self, *, true_pos: Tensor, pos: Tensor, false_pos: Tensor, neg: Tensor) -> Tensor:
+        _check_rates(pos, neg, type(self).__name__, need_fpr=False)
+        return as_result(_equal_opportunity_difference_from_counts(true_pos, pos))

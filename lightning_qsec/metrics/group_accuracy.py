@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional._groups import as_result, check_group_counts, check_num_groups
 from lightning_qsec.metrics.functional.group_accuracy import (
     _group_accuracy_from_counts,
@@ -17,7 +17,7 @@ from lightning_qsec.metrics.functional.group_accuracy import (
 __all__ = ["GroupAccuracy"]
 
 
-class GroupAccuracy(Metric):
+class GroupAccuracy(CountStateMetric):
     """Accuracy within each sensitive group, and the worst of them.
 
     Equals fairlearn's ``MetricFrame(metrics=accuracy_score, ...)``: ``by_group`` and
@@ -27,7 +27,9 @@ class GroupAccuracy(Metric):
     :meth:`compute` returns a dict: ``"group_<g>"`` -> accuracy of group ``g`` for every
     group, and ``"worst_group_accuracy"``; it can go straight to ``self.log_dict``.
     It raises a ``ValueError`` if nothing was seen, if a group ``0..num_groups-1``
-    never appeared, or if a group has a single sample.
+    never appeared, or if a group has a single sample. Called on a batch (``forward``),
+    it adds the batch like :meth:`update` and returns the batch's own dict, all ``nan``
+    where that batch alone leaves it undefined (a group missing or of one sample).
 
     Args:
         num_groups: number of sensitive groups; group labels are ``0..num_groups-1``.
@@ -68,10 +70,14 @@ class GroupAccuracy(Metric):
         self.correct += correct.to(self.correct.device)
         self.total += total.to(self.total.device)
 
-    def compute(self) -> dict[str, Tensor]:
-        """Per-group accuracies (``"group_<g>"``) and ``"worst_group_accuracy"``, over all batches and processes."""
-        check_group_counts(self.total, type(self).__name__)
-        acc = _group_accuracy_from_counts(self.correct, self.total)
+    def _value(self, *, correct: Tensor, total: Tensor) -> dict[str, Tensor]:
+        """Per-group accuracies (``"group_<g>"``) and ``"worst_group_accuracy"``."""
+        check_group_counts(total, type(self).__name__)
+        acc = _group_accuracy_from_counts(correct, total)
         out = {f"group_{g}": as_result(acc[g]) for g in range(self.num_groups)}
         out["worst_group_accuracy"] = as_result(acc.amin())
         return out
+
+    def _undefined(self) -> dict[str, Tensor]:
+        nan = super()._undefined()
+        return {**{f"group_{g}": nan.clone() for g in range(self.num_groups)}, "worst_group_accuracy": nan}

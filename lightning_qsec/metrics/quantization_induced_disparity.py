@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional._groups import as_result, check_group_counts, check_num_groups
 from lightning_qsec.metrics.functional.quantization_induced_disparity import (
     _group_accuracy_drop_from_counts,
@@ -18,7 +18,7 @@ from lightning_qsec.metrics.functional.quantization_induced_disparity import (
 __all__ = ["QuantizationInducedDisparity"]
 
 
-class QuantizationInducedDisparity(Metric):
+class QuantizationInducedDisparity(CountStateMetric):
     """How much more accuracy the worst-hit group loses than the average, float -> quantized.
 
     ``max_g (acc_float[g] - acc_quant[g]) - (acc_float - acc_quant)``: the worst group's
@@ -28,7 +28,9 @@ class QuantizationInducedDisparity(Metric):
     of classes. The state is three ``(num_groups,)`` count tensors, sum-reduced (exact
     under DDP). :meth:`compute` raises a ``ValueError`` if nothing was seen, if a group
     never appeared or if a group has a single sample; :meth:`group_drops` gives the
-    per-group drops.
+    per-group drops. Called on a batch (``forward``), it adds the batch like
+    :meth:`update` and returns the batch's own value, ``nan`` where that batch alone
+    leaves it undefined (a group missing or of one sample).
 
     Args:
         num_groups: number of sensitive groups; group labels are ``0..num_groups-1``.
@@ -82,10 +84,10 @@ class QuantizationInducedDisparity(Metric):
     def group_drops(self) -> Tensor:
         """Per-group accuracy drop float -> quantized ``(num_groups,)`` (negative: a gain), over all processes."""
         with self.sync_context(should_sync=self._to_sync, should_unsync=self._should_unsync):
-            check_group_counts(self.total, type(self).__name__)
-            return as_result(_group_accuracy_drop_from_counts(self.float_correct, self.quant_correct, self.total))
+            states = {name: state.clone() for name, state in self._states().items()}
+        check_group_counts(states["total"], type(self).__name__)  # out of the context, which an error would not unsync
+        return as_result(_group_accuracy_drop_from_counts(**states))
 
-    def compute(self) -> Tensor:
-        """The disparity over all batches and processes."""
-        check_group_counts(self.total, type(self).__name__)
-        return as_result(_qid_from_counts(self.float_correct, self.quant_correct, self.total))
+    def _value(self, *, float_correct: Tensor, quant_correct: Tensor, total: Tensor) -> Tensor:
+        check_group_counts(total, type(self).__name__)
+        return as_result(_qid_from_counts(float_correct, quant_correct, total))

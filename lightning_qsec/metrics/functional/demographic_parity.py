@@ -23,6 +23,7 @@ from torch import Tensor
 from lightning_qsec.metrics.functional._groups import (
     as_result,
     check_group_counts,
+    check_num_groups,
     group_count,
     group_sum,
     infer_num_groups,
@@ -59,7 +60,9 @@ def _demographic_parity_ratio_from_counts(selected: Tensor, total: Tensor) -> Te
 
 
 def _counts(preds: Tensor, target: Tensor, groups: Tensor, num_groups: int | None, owner: str) -> tuple[Tensor, Tensor]:
-    if num_groups is None:
+    if num_groups is not None:
+        check_num_groups(num_groups, owner)
+    else:
         read_inputs(preds, target, groups, None, binary=owner)
         num_groups = infer_num_groups(groups)
     selected, total = _demographic_parity_update(preds, target, groups, num_groups, owner)
@@ -93,9 +96,9 @@ def demographic_parity_difference(
         A 0-d float tensor in ``[0, 1]`` (lower is fairer).
 
     Raises:
-        ValueError: on non-binary predictions or targets, a bad shape or dtype, a group
-            label outside ``0..G-1``, empty inputs, a group without samples or a group
-            with a single sample.
+        ValueError: on non-binary predictions or targets, a bad shape or dtype, a
+            ``num_groups`` that is not an integer >= 1, a group label outside ``0..G-1``,
+            empty inputs, a group without samples or a group with a single sample.
     """
     owner = "demographic_parity_difference"
     return as_result(_demographic_parity_difference_from_counts(*_counts(preds, target, groups, num_groups, owner)))

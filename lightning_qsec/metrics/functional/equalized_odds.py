@@ -29,6 +29,7 @@ from torch import Tensor
 from lightning_qsec.metrics.functional._groups import (
     as_result,
     check_group_counts,
+    check_num_groups,
     check_rate_denominators,
     group_sum,
     infer_num_groups,
@@ -74,7 +75,9 @@ def _equalized_odds_difference_from_counts(tp: Tensor, pos: Tensor, fp: Tensor, 
 def _counts(
     preds: Tensor, target: Tensor, groups: Tensor, num_groups: int | None, owner: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if num_groups is None:
+    if num_groups is not None:
+        check_num_groups(num_groups, owner)
+    else:
         read_inputs(preds, target, groups, None, binary=owner)
         num_groups = infer_num_groups(groups)
     return _rates_update(preds, target, groups, num_groups, owner)
@@ -98,9 +101,10 @@ def equal_opportunity_difference(
         A 0-d float tensor in ``[0, 1]`` (lower is fairer).
 
     Raises:
-        ValueError: on non-binary predictions or targets, a bad shape or dtype, a group
-            label outside ``0..G-1``, empty inputs, a group without samples, with a
-            single sample or without positive targets.
+        ValueError: on non-binary predictions or targets, a bad shape or dtype, a
+            ``num_groups`` that is not an integer >= 1, a group label outside ``0..G-1``,
+            empty inputs, a group without samples, with a single sample or without
+            positive targets.
     """
     owner = "equal_opportunity_difference"
     tp, pos, _, neg = _counts(preds, target, groups, num_groups, owner)

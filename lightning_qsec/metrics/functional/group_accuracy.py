@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_qsec.metrics.functional._groups import (
     as_result,
     check_group_counts,
+    check_num_groups,
     group_count,
     group_sum,
     infer_num_groups,
@@ -40,7 +41,9 @@ def _group_accuracy_from_counts(correct: Tensor, total: Tensor) -> Tensor:
 
 
 def _inputs(preds: Tensor, target: Tensor, groups: Tensor, num_groups: int | None, owner: str) -> Tensor:
-    if num_groups is None:
+    if num_groups is not None:
+        check_num_groups(num_groups, owner)
+    else:
         read_inputs(preds, target, groups, None, binary=None)
         num_groups = infer_num_groups(groups)
     correct, total = _group_accuracy_update(preds, target, groups, num_groups)
@@ -64,8 +67,9 @@ def group_accuracy(preds: Tensor, target: Tensor, groups: Tensor, num_groups: in
         A float tensor ``(G,)``: the accuracy of group ``g`` at index ``g``.
 
     Raises:
-        ValueError: on a bad shape or dtype, a group label outside ``0..G-1``, empty
-            inputs, a group without samples or a group with a single sample.
+        ValueError: on a bad shape or dtype, a ``num_groups`` that is not an integer >= 1,
+            a group label outside ``0..G-1``, empty inputs, a group without samples or a
+            group with a single sample.
     """
     return as_result(_inputs(preds, target, groups, num_groups, "group_accuracy"))
 

@@ -30,6 +30,7 @@ from lightning_qsec.metrics.functional._checks import check_same_num_classes, to
 from lightning_qsec.metrics.functional._groups import (
     as_result,
     check_group_counts,
+    check_num_groups,
     group_count,
     group_sum,
     infer_num_groups,
@@ -76,6 +77,8 @@ def group_accuracy_drop(
 
     Arguments and errors as in :func:`quantization_induced_disparity`.
     """
+    if num_groups is not None:
+        check_num_groups(num_groups, "group_accuracy_drop")
     counts = _qid_update(float_preds, quant_preds, target, groups, num_groups)
     check_group_counts(counts[2], "group_accuracy_drop")
     return as_result(_group_accuracy_drop_from_counts(*counts))
@@ -98,10 +101,12 @@ def quantization_induced_disparity(
         A 0-d float tensor, ``>= 0`` (lower is better): worst group drop minus overall drop.
 
     Raises:
-        ValueError: on a bad shape or dtype, different ``N`` or ``C``, a group label
-            outside ``0..G-1``, empty inputs, a group without samples or a group with a
-            single sample.
+        ValueError: on a bad shape or dtype, different ``N`` or ``C``, a ``num_groups``
+            that is not an integer >= 1, a group label outside ``0..G-1``, empty inputs, a
+            group without samples or a group with a single sample.
     """
+    if num_groups is not None:
+        check_num_groups(num_groups, "quantization_induced_disparity")
     counts = _qid_update(float_preds, quant_preds, target, groups, num_groups)
     check_group_counts(counts[2], "quantization_induced_disparity")
     return as_result(_qid_from_counts(*counts))
