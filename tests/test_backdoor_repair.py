@@ -13,6 +13,7 @@ import json
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,10 +23,13 @@ from lightning_qsec.attacks import add_trigger, quantization_conditioned_attack,
 from lightning_qsec.callbacks import QuantizationBackdoorRepair, SecurityReport
 from lightning_qsec.data import DigitsDataModule
 from lightning_qsec.defenses import repair_quantization_backdoor
+from lightning_qsec.defenses._repair_grid import layer_grids
+from lightning_qsec.defenses.repair import _check_deployed
 from lightning_qsec.metrics import AttackSuccessRate, CleanAccuracy, DefenseEffectivenessRate
 from lightning_qsec.metrics.functional import attack_success_rate, clean_accuracy, defense_effectiveness_rate
 from lightning_qsec.models import ClassificationModule, DigitsCNN
 from lightning_qsec.quant.inspect import is_quantized
+from lightning_qsec.quant.weight_grid import integer_grid, weight_layers
 
 from conftest import quiet_trainer
 
@@ -131,7 +135,7 @@ def test_metrics_match_a_hand_computation_on_real_predictions(subjects):
                       after_clean=preds["a"][0][chunk], after_triggered=preds["a"][1][chunk], target=y[chunk],
                       attack_target=TARGET)
     assert stateful.compute().item() == pytest.approx(acc_a)
-    assert metric.asr_before.compute().item() == pytest.approx(asr_b)
+    assert (metric.successes_before / metric.attempts).item() == pytest.approx(asr_b)
     assert metric.compute().item() == pytest.approx(der)
     assert defense_effectiveness_rate(asr_before=asr_b, asr_after=asr_a, acc_before=acc_b, acc_after=acc_a).item() == (
         pytest.approx(der))
@@ -149,6 +153,53 @@ def test_metrics_match_a_hand_computation_on_real_predictions(subjects):
     for bad in (1.5, float("nan"), torch.tensor([0.1, 0.2])):
         with pytest.raises(ValueError, match="acc_after"):
             defense_effectiveness_rate(asr_before=0.5, asr_after=0.1, acc_before=0.9, acc_after=bad)
+
+
+def _der_batches(seed: int, n: int = 200) -> dict[str, torch.Tensor]:
+    """Predictions of a backdoored (before) and a defended (after) 10-class model; after_clean as scores."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+
+    def noisy(labels: torch.Tensor, keep: float) -> torch.Tensor:
+        return torch.where(torch.rand(n, generator=g) < keep, labels, torch.randint(0, 10, (n,), generator=g))
+
+    scores = torch.randn(n, 10, generator=g)
+    scores[torch.arange(n), noisy(y, 0.85)] += 5.0
+    return dict(before_clean=noisy(y, 0.95), before_triggered=noisy(torch.full((n,), TARGET), 0.9),
+                after_clean=scores, after_triggered=noisy(y, 0.7), target=y)
+
+
+def test_defense_effectiveness_rate_forward_accumulates_like_update():
+    data = _der_batches(0)
+    part = lambda idx: {k: v[idx] for k, v in data.items()}  # noqa: E731
+    whole = DefenseEffectivenessRate()
+    whole.update(**data, attack_target=TARGET)
+    first, second = torch.arange(120), torch.arange(120, 200)
+    metric = DefenseEffectivenessRate()
+    metric.update(**part(first), attack_target=TARGET)
+    batch_value = metric(**part(second), attack_target=TARGET)
+    b = part(second)
+    outside = b["target"] != TARGET
+    expected_batch = defense_effectiveness_rate(
+        asr_before=(b["before_triggered"][outside] == TARGET).double().mean(),
+        asr_after=(b["after_triggered"][outside] == TARGET).double().mean(),
+        acc_before=(b["before_clean"] == b["target"]).double().mean(),
+        acc_after=(b["after_clean"].argmax(1) == b["target"]).double().mean(),
+    )
+    assert batch_value.item() == pytest.approx(expected_batch.item())
+    assert metric.compute().item() == pytest.approx(whole.compute().item())
+    assert metric.compute().item() != pytest.approx(batch_value.item()), "the earlier batch counts"
+    # a batch of the target class only has no ASR: forward gives nan, raises nothing, loses nothing
+    only_target = data["target"] == TARGET
+    nan = metric(**part(only_target), attack_target=TARGET)
+    assert torch.isnan(nan)
+    whole.update(**part(only_target), attack_target=TARGET)
+    for name in ("correct_before", "correct_after", "total", "successes_before", "successes_after", "attempts"):
+        assert torch.equal(getattr(metric, name), getattr(whole, name)), name
+    assert int(metric.total) == 200 + int(only_target.sum())
+    assert metric.compute().item() == pytest.approx(whole.compute().item())
+    with pytest.raises(ValueError, match="attack_target"):
+        metric.update(**data, attack_target=None)
 
 
 def test_callback_repairs_the_module_at_test_in_a_real_trainer(subjects):
@@ -239,3 +290,85 @@ def test_bad_models_and_loaders():
         QuantizationBackdoorRepair(trigger=add_trigger)
     with pytest.raises(ValueError, match="calibration_loader"):
         QuantizationBackdoorRepair(calibration_loader=data)
+
+
+def _on_4bit_grid(net: nn.Module) -> bool:
+    """Every conv/linear weight is ``scale * integer`` on the 4-bit per-tensor grid (what the repair leaves)."""
+    for _, layer in weight_layers(net):
+        scale, integers, _ = integer_grid(layer.weight.detach(), 4, False)
+        if not torch.allclose(layer.weight.detach(), scale * integers, atol=1e-6):
+            return False
+    return True
+
+
+def test_callback_repairs_again_after_a_resume_and_in_a_new_trainer(tmp_path):
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    short = dict(limit_train_batches=3, limit_val_batches=1)
+    settings = dict(bit_width=4, steps=3, num_batches=1)
+    torch.manual_seed(0)
+    first = QuantizationBackdoorRepair(**settings)
+    module = ClassificationModule(DigitsCNN())
+    trainer = quiet_trainer(max_epochs=1, callbacks=[first], **short)
+    trainer.fit(module, datamodule=dm)
+    assert first.report is not None and _on_4bit_grid(module.net)
+    repaired = first.result
+    trainer.test(module, datamodule=dm)  # the same Trainer after its fit: already repaired, not again
+    assert first.result is repaired
+    ckpt = tmp_path / "repaired.ckpt"
+    trainer.save_checkpoint(ckpt)
+    # resume with a fresh callback: the restored report is only shown, the trained epoch is repaired at the end
+    fresh = QuantizationBackdoorRepair(**settings)
+    resumed = ClassificationModule(DigitsCNN())
+    quiet_trainer(max_epochs=2, callbacks=[fresh], **short).fit(resumed, datamodule=dm, ckpt_path=ckpt)
+    assert fresh.result is not None and fresh.report is fresh.result.report and fresh.report != first.report
+    assert _on_4bit_grid(resumed.net)
+    # the same callback in a new Trainer repairs that Trainer's module
+    other = ClassificationModule(DigitsCNN())
+    previous = fresh.report
+    quiet_trainer(max_epochs=1, callbacks=[fresh], **short).fit(other, datamodule=dm)
+    assert fresh.report is not previous and _on_4bit_grid(other.net)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_batch=2), r"unknown repair_quantization_backdoor settings \['num_batch'\]; allowed: .*'num_batches'"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(lr=float("nan")), "lr must be a finite number"),
+        (dict(eval_batches=0), "eval_batches must be an integer >= 1"),
+        (dict(flip_weight=-1.0), "flip_weight"),
+        (dict(seed="0"), "seed must be an integer"),
+        (dict(trigger=add_trigger, target_class=-1), "target_class must be a non-negative integer"),
+    ],
+)
+def test_callback_refuses_bad_settings_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationBackdoorRepair(bit_width=4, **kwargs)
+
+
+def test_callback_refuses_several_processes_at_setup():
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False, enable_progress_bar=False)
+    assert trainer.world_size == 2
+    with pytest.raises(RuntimeError, match="single process; use devices=1"):
+        QuantizationBackdoorRepair(bit_width=4).setup(trainer, ClassificationModule(DigitsCNN()), "fit")
+
+
+def test_finetune_trains_a_model_frozen_for_inference():
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    dm.setup()
+    torch.manual_seed(0)
+    net = DigitsCNN().requires_grad_(False)
+    data = [next(iter(dm.train_dataloader()))]
+    result = repair_quantization_backdoor(net, data, bit_width=4, method="finetune", steps=5, lr=1e-2)
+    for (name, p), q in zip(net.named_parameters(), result.float_model.parameters()):
+        assert not torch.equal(p, q), f"{name} was not fine-tuned"
+        assert not p.requires_grad and not q.requires_grad, f"{name}: requires_grad flags restored"
+
+
+def test_deployment_guard_names_the_layer():
+    torch.manual_seed(0)
+    data = [(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    stored, other = DigitsCNN(), DigitsCNN()
+    deployed = victim_quantize(other, data, bit_width=4, num_batches=1)
+    with pytest.raises(RuntimeError, match="deployed integer weights of features.0 differ from the repaired ones"):
+        _check_deployed(deployed, layer_grids(stored, 4, False), 4, False, fixed=True)

@@ -139,6 +139,12 @@ def test_scan_uses_the_deployers_quant_config(subjects):
         (dict(trigger_lr=-1.0), "trigger_lr"),
         (dict(max_samples=0), "max_samples"),
         (dict(thresholds={4: {"loudness": 1.0}}), "thresholds"),
+        (dict(thresholds={8: {"disagreement": 0.0}}), r"thresholds\[8\]\['disagreement'\] must be a finite number > 0"),
+        (dict(thresholds={4: {"strip_drop": -0.1}}), r"thresholds\[4\]\['strip_drop'\] must be a finite number > 0"),
+        (dict(thresholds={8: {"class_shift": math.nan}}), r"thresholds\[8\]\['class_shift'\] must be a finite"),
+        (dict(thresholds={"8": {"disagreement": 0.1}}), r"thresholds keys must be integer bit widths among bit_widths"),
+        (dict(thresholds={2: {"disagreement": 0.1}}), r"thresholds keys must be integer bit widths among .*got 2"),
+        (dict(thresholds={8: 0.1}), r"thresholds\[8\] must be a mapping"),
     ],
 )
 def test_scan_argument_errors(kwargs, message):
@@ -253,6 +259,30 @@ def test_hook_refuses_a_quantized_module_and_bad_settings(subjects):
     module = ClassificationModule(quantize_model(copy.deepcopy(clean)))
     with pytest.raises(ValueError, match="already quantized"):
         quiet_trainer(callbacks=[BackdoorScan()]).test(module, datamodule=dm)
+
+
+def test_hooks_with_different_settings_share_a_trainer_and_keep_their_own_state(subjects, tmp_path):
+    dm, clean, _ = subjects
+    cheap = dict(bit_widths=[8], trigger_steps=2, max_samples=64, calibrate_batches=1, stages=["validate"])
+
+    def hooks() -> list[BackdoorScan]:
+        return [BackdoorScan(quantizer="per_tensor", **cheap), BackdoorScan(quantizer="per_channel", **cheap)]
+
+    variants = [*hooks(), BackdoorScan(act_bit_width=4), BackdoorScan(stages=("validate",)),
+                BackdoorScan(quantizer=QuantConfig(per_channel=True))]
+    assert len({h.state_key for h in variants}) == len(variants)
+    quiet_trainer(callbacks=variants)  # Lightning refuses two stateful callbacks with one state_key
+    first = hooks()
+    trainer = quiet_trainer(callbacks=first, limit_val_batches=1)
+    trainer.validate(ClassificationModule(clean), datamodule=dm)
+    assert [h.results["validate"]["quantizer"]["per_channel"] for h in first] == [False, True]
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    restored = hooks()
+    quiet_trainer(callbacks=restored, limit_val_batches=1).validate(
+        ClassificationModule(copy.deepcopy(clean)), datamodule=dm, ckpt_path=tmp_path / "two.ckpt"
+    )
+    # each hook got its own checkpointed history back (then scanned once more)
+    assert [[r["quantizer"]["per_channel"] for r in h.history] for h in restored] == [[False, False], [True, True]]
 
 
 @pytest.mark.filterwarnings("ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning")

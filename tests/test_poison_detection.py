@@ -204,6 +204,7 @@ def test_functional_core_on_synthetic_features() -> None:
         (dict(n_components=0), "n_components must be an integer >= 1"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(feature_layer=""), "feature_layer must be a module name"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
     ],
 )
 def test_callback_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
@@ -227,6 +228,32 @@ def test_functional_core_rejects_bad_input() -> None:
         spectral_signatures(x, y, eps=0.7)
     with pytest.raises(ValueError, match="method='x' is not supported"):
         detect_poisoned_samples(x, y, method="x")  # type: ignore[arg-type]
+
+
+def test_functional_core_rejects_bad_seeds() -> None:
+    x, y = torch.randn(20, 4), torch.arange(20) % 2
+    for bad in (-1, "a", 1.5):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            activation_clustering(x, y, seed=bad)
+        for method in ("activation_clustering", "combined", "spectral_signatures"):
+            with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+                detect_poisoned_samples(x, y, method=method, seed=bad)
+
+
+def test_bad_feature_layer_fails_before_training() -> None:
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+                            callbacks=[PoisonedDataDetection(feature_layer="classifer.1")])
+    with pytest.raises(ValueError, match=r"feature_layer='classifer.1' is not a module of the model; available: \["):
+        trainer.fit(ClassificationModule(DigitsCNN()), datamodule=DigitsDataModule(batch_size=64, seed=0))
+    assert trainer.global_step == 0
+
+
+def test_detections_with_different_settings_share_a_trainer() -> None:
+    hooks = [PoisonedDataDetection(), PoisonedDataDetection(method="spectral_signatures"),
+             PoisonedDataDetection(analysis="relative_size"), PoisonedDataDetection(feature_layer="net.classifier.3")]
+    assert len({h.state_key for h in hooks}) == len(hooks)
+    trainer = quiet_trainer(callbacks=hooks)  # Lightning refuses two stateful callbacks with one state_key
+    assert trainer.callbacks[: len(hooks)] == hooks
 
 
 def test_feature_layer_names() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,34 +12,26 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
-from lightning_qsec._validation import check_bit_width
-from lightning_qsec.quant.weight_grid import WeightQuantizer, check_weight_quantizer
-from lightning_qsec.defenses.repair import METHODS, RepairMethod, RepairReport, repair_quantization_backdoor
+from lightning_qsec.callbacks._target import single_loader
+from lightning_qsec.defenses.repair import RepairMethod, RepairReport, repair_quantization_backdoor, repair_settings
+from lightning_qsec.quant.weight_grid import WeightQuantizer
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
 __all__ = ["QuantizationBackdoorRepair"]
 
 
-def _first(loader: Any) -> Any:
-    """The first loader of Lightning's combined loaders, lists or dicts."""
-    loader = getattr(loader, "iterables", loader)
-    if isinstance(loader, (list, tuple)):
-        return loader[0] if loader else None
-    if isinstance(loader, dict):
-        return next(iter(loader.values()), None)
-    return loader
-
-
 class QuantizationBackdoorRepair(pl.Callback):
     """Repair a quantization-conditioned backdoor in the LightningModule before it is deployed.
 
-    **When it runs.** Once per Trainer: at ``on_fit_end`` when you ``fit`` (so the module
-    you fine-tuned is repaired before you test, export or save it), or, when the first
-    stage is a standalone ``trainer.validate()``/``trainer.test()`` (the case of a float
-    model downloaded from a hub), at the start of that loop, after any ``ckpt_path``
-    restore, so the loop measures the repaired model. The module must be float (plain
-    ``nn.Conv``/``nn.Linear`` layers): do not combine it with ``QuantizationAwareTraining``.
-    Single process only.
+    **When it runs.** At ``on_fit_end`` of every ``fit`` (so the module you fine-tuned is
+    repaired before you test, export or save it; a fit resumed from a checkpoint is
+    repaired again at its end), or, when a Trainer's first stage is a standalone
+    ``trainer.validate()``/``trainer.test()`` (the case of a float model downloaded from a
+    hub), once, at the start of that loop, after any ``ckpt_path`` restore, so the loop
+    measures the repaired model. The module must be float (plain ``nn.Conv``/``nn.Linear``
+    layers): do not combine it with ``QuantizationAwareTraining``. Single process only:
+    ``setup`` refuses more than one process. Unknown or bad settings are refused when
+    the callback is built.
 
     **What it changes.** The module's own float weights are overwritten with the
     repaired ``float_model`` of :func:`~lightning_qsec.defenses.repair_quantization_backdoor`:
@@ -61,7 +55,8 @@ class QuantizationBackdoorRepair(pl.Callback):
 
     Attributes:
         result: the :class:`~lightning_qsec.defenses.RepairResult` of this process (not checkpointed).
-        report: the :class:`~lightning_qsec.defenses.RepairReport` (kept in ``state_dict``).
+        report: the :class:`~lightning_qsec.defenses.RepairReport` (kept in ``state_dict``; one
+            restored from a checkpoint is only shown until this callback repairs again).
 
     Example:
         >>> from lightning_qsec.callbacks import QuantizationBackdoorRepair
@@ -82,21 +77,26 @@ class QuantizationBackdoorRepair(pl.Callback):
         **repair_kwargs: Any,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
         for forbidden in ("model", "calibration_loader", "eval_loader"):
             if forbidden in repair_kwargs:
                 raise ValueError(
                     f"QuantizationBackdoorRepair sets {forbidden!r} itself; pass dataloader=/eval_dataloader="
                 )
-        if (trigger is None) != (target_class is None):
-            raise ValueError(
-                "trigger and target_class go together: pass both to measure the attack success rate, or neither"
-            )
-        self.bit_width = check_bit_width(bit_width, "bit_width")
-        self.act_bit_width = check_bit_width(act_bit_width, "act_bit_width")
-        self.quantizer = check_weight_quantizer(quantizer)
-        self.method = method
+        named = set(inspect.signature(QuantizationBackdoorRepair.__init__).parameters)
+        allowed = sorted(set(inspect.signature(repair_quantization_backdoor).parameters) - named
+                         - {"model", "calibration_loader", "eval_loader"})
+        unknown = sorted(set(repair_kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown repair_quantization_backdoor settings {unknown}; allowed: {allowed}")
+        # every setting is checked now, by repair_quantization_backdoor's own checks, not after training
+        settings = repair_settings(
+            bit_width=bit_width, method=method, quantizer=quantizer, act_bit_width=act_bit_width, trigger=trigger,
+            target_class=target_class, **{k: v for k, v in repair_kwargs.items() if k != "batch_adapter"},
+        )
+        self.bit_width = settings.bit_width
+        self.act_bit_width = settings.act_bit_width
+        self.quantizer = settings.quantizer
+        self.method = settings.method
         self.dataloader = dataloader
         self.eval_dataloader = eval_dataloader
         self.trigger = trigger
@@ -104,29 +104,37 @@ class QuantizationBackdoorRepair(pl.Callback):
         self.repair_kwargs = repair_kwargs
         self.result: Any = None
         self.report: RepairReport | None = None
+        self._repaired = False  # by this callback, in the current fit or standalone evaluation
+        self._trainer: weakref.ref[pl.Trainer] | None = None
 
     def _loaders(self, trainer: pl.Trainer) -> tuple[Iterable[Any], Iterable[Any] | None]:
         calibration = self.dataloader
         dm = trainer.datamodule
         if calibration is None:
-            calibration = _first(trainer.train_dataloader) if trainer.state.fn == TrainerFn.FITTING else None
+            calibration = single_loader(trainer.train_dataloader) if trainer.state.fn == TrainerFn.FITTING else None
             if calibration is None and dm is not None:
-                calibration = _first(dm.train_dataloader())
+                calibration = single_loader(dm.train_dataloader())
         if calibration is None:
             raise ValueError("QuantizationBackdoorRepair found no calibration data; pass dataloader=")
         evaluation = self.eval_dataloader
         if evaluation is None and dm is not None:
             try:
-                evaluation = _first(dm.val_dataloader())
+                evaluation = single_loader(dm.val_dataloader())
             except (NotImplementedError, AttributeError):  # a datamodule without validation data
                 evaluation = None
         return calibration, evaluation
 
-    def _repair(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.report is not None:
-            return
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
             raise RuntimeError("QuantizationBackdoorRepair runs in a single process; use devices=1")
+        # a fit (a resumed one too) trains weights not repaired yet, and so may another Trainer's module
+        if stage == TrainerFn.FITTING.value or self._trainer is None or self._trainer() is not trainer:
+            self._repaired = False
+        self._trainer = weakref.ref(trainer)
+
+    def _repair(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._repaired:
+            return
         calibration, evaluation = self._loaders(trainer)
         with torch.inference_mode(False):
             result = repair_quantization_backdoor(
@@ -137,6 +145,7 @@ class QuantizationBackdoorRepair(pl.Callback):
             with torch.no_grad():
                 pl_module.load_state_dict(result.float_model.state_dict())
         self.result, self.report = result, result.report
+        self._repaired = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._repair(trainer, pl_module)

@@ -89,7 +89,8 @@ class BackdoorScan(EvaluationCallback):
         seed: seed of the scan.
         max_samples: clean samples to collect from the evaluation batches.
         progress: show the scan's progress bar.
-        thresholds: bit width -> evidence -> threshold, overriding the calibrated ones.
+        thresholds: bit width -> evidence -> threshold, overriding the calibrated ones;
+            integer keys among ``bit_widths``, thresholds finite and > 0.
         batch_adapter: reads batches; default :func:`~lightning_qsec.read_batch`.
         stages: ``"test"`` and/or ``"validate"``.
         every_n_epochs: scan at validation during fit every this many epochs.
@@ -162,7 +163,11 @@ class BackdoorScan(EvaluationCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(bit_widths=self.scan_kwargs["bit_widths"])
+        # every setting that tells two hooks of one Trainer apart, so that each restores its own state
+        return self._generate_state_key(
+            bit_widths=self.scan_kwargs["bit_widths"], quantizer=str(self.scan_kwargs["quantizer"]),
+            act_bit_width=self.scan_kwargs["act_bit_width"], stages=self.stages,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

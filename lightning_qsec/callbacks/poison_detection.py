@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -160,13 +161,22 @@ class PoisonedDataDetection(pl.Callback):
         self.threshold = _threshold(self.analysis, threshold)
         self.min_source_entropy = _check_entropy(min_source_entropy)
         self.eps = _check_eps(eps)
-        self.seed = check_seed(seed)
+        self.seed = check_seed(seed, non_negative=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self._read = adapter_or_default(batch_adapter)
         self.suspect_indices: Tensor = torch.zeros(0, dtype=torch.long)
         self.scores: Tensor = torch.zeros(0)
         self.results: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+
+    @property
+    def state_key(self) -> str:
+        # every setting that tells two hooks of one Trainer apart, so that each restores its own state
+        return self._generate_state_key(method=self.method, analysis=self.analysis, feature_layer=self.feature_layer)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING.value:
+            feature_layer_name(pl_module, self.feature_layer)  # a bad name fails now, not after training
 
     # ------------------------------------------------------------------ schedule
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,7 +2,7 @@
 
 The deployer's exact weight arithmetic (max-abs scale recomputed every step,
 round-to-nearest, straight-through estimator) in the forward pass, cross-entropy on the
-labelled calibration batches, Adam on all weights and biases. The result is the latent
+labelled calibration batches, Adam on all parameters (frozen ones included). The result is the latent
 float model; the deployer's quantizer rounds it to what was trained.
 """
 
@@ -29,15 +29,22 @@ def qat_finetune(
     lr: float,
     batch_size: int,
 ) -> None:
-    """Fine-tune ``work`` in place through fake-quantized weights."""
+    """Fine-tune every parameter of ``work`` in place through fake-quantized weights.
+
+    Parameters frozen for inference are trained too (their ``requires_grad`` is set);
+    the caller restores the flags afterwards.
+    """
     x, y = torch.cat(inputs), torch.cat(targets)
     weights = {f"{g.name}.weight": g.layer.weight for g in grids}
-    optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=lr)
+    trainable = list(work.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trainable, lr=lr)
     for idx in minibatches(x.shape[0], batch_size, steps, x.device):
         params: dict[str, Tensor] = {n: fake_quantize(w, bit_width, per_channel) for n, w in weights.items()}
         loss = F.cross_entropy(functional_call(work, params, (x[idx],)), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    for p in work.parameters():
+    for p in trainable:
         p.grad = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_qsec._validation import check_bit_width, check_positive_int, check_seed
-from lightning_qsec.defenses._scan_thresholds import thresholds_for
+from lightning_qsec.defenses._scan_thresholds import check_thresholds, thresholds_for
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.weight_grid import WEIGHT_QUANTIZERS, WeightQuantizer
 
@@ -95,8 +95,7 @@ def scan_settings(
     bits = _check_bit_widths(bit_widths)
     config = _deployer_config(quantizer, act_bit_width)
     check_seed(seed)
-    if thresholds is not None and not isinstance(thresholds, Mapping):
-        raise ValueError(f"thresholds must be a mapping bit width -> evidence name -> threshold, got {thresholds!r}")
+    thresholds = check_thresholds(thresholds, bits)
     return ScanSettings(
         bit_widths=bits,
         config=config,

@@ -21,10 +21,14 @@ evaluation seed 6, was flagged that way with the earlier per-neuron test).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["CALIBRATED", "EVIDENCE", "FLOORS", "MARGIN", "calibrated_threshold", "thresholds_for"]
+__all__ = [
+    "CALIBRATED", "EVIDENCE", "FLOORS", "MARGIN", "calibrated_threshold", "check_thresholds", "thresholds_for",
+]
 
 #: The evidence names, in report order.
 EVIDENCE: tuple[str, ...] = (
@@ -97,8 +101,41 @@ def thresholds_for(bits: int, overrides: Mapping[int, Mapping[str, float]] | Non
             )
     out = dict(base)
     if overrides and bits in overrides:
-        unknown = set(overrides[bits]) - set(EVIDENCE)
-        if unknown:
-            raise ValueError(f"thresholds[{bits}] has unknown evidence {sorted(unknown)}; allowed: {list(EVIDENCE)}")
         out.update({k: float(v) for k, v in overrides[bits].items()})
     return out
+
+
+def check_thresholds(
+    thresholds: Any, bit_widths: Sequence[int]
+) -> Mapping[int, Mapping[str, float]] | None:
+    """Return ``thresholds`` if it is ``None`` or a valid ``bit width -> evidence -> threshold`` mapping.
+
+    Keys are integer bit widths among ``bit_widths``, evidence names are those of
+    :data:`EVIDENCE`, and each threshold is a finite number > 0 (every evidence is
+    divided by its threshold).
+
+    Raises:
+        ValueError: naming the bad entry (``thresholds[<bits>][<evidence>]``) and what is allowed.
+
+    Example:
+        >>> check_thresholds({4: {"disagreement": 0.1}}, [8, 4])
+        {4: {'disagreement': 0.1}}
+    """
+    if thresholds is None:
+        return None
+    if not isinstance(thresholds, Mapping):
+        raise ValueError(f"thresholds must be a mapping bit width -> evidence name -> threshold, got {thresholds!r}")
+    for bits, limits in thresholds.items():
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in bit_widths:
+            raise ValueError(
+                f"thresholds keys must be integer bit widths among bit_widths {list(bit_widths)}, got {bits!r}"
+            )
+        if not isinstance(limits, Mapping):
+            raise ValueError(f"thresholds[{bits}] must be a mapping evidence name -> threshold, got {limits!r}")
+        unknown = set(limits) - set(EVIDENCE)
+        if unknown:
+            raise ValueError(f"thresholds[{bits}] has unknown evidence {sorted(unknown)}; allowed: {list(EVIDENCE)}")
+        for evidence, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"thresholds[{bits}][{evidence!r}] must be a finite number > 0, got {value!r}")
+    return thresholds

@@ -222,7 +222,8 @@ def scan_model(
         trigger_lr: Adam learning rate of the trigger search.
         trigger_cost: weight of the mask size in the trigger search.
         strip_overlays: clean inputs blended with each stamped input for STRIP.
-        thresholds: bit width -> evidence name -> threshold, overriding the calibrated ones.
+        thresholds: bit width -> evidence name -> threshold, overriding the calibrated ones;
+            integer keys among ``bit_widths``, thresholds finite and > 0.
         batch_adapter: optional callable turning a batch into a :class:`~lightning_qsec.Batch`.
         on_twin: called as ``on_twin(bits, twin)`` with each calibrated quantized twin
             (in eval mode, on the model's device) before it is discarded, so that a

@@ -65,6 +65,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_qsec._validation import check_seed
+
 __all__ = [
     "Analysis",
     "DetectionMethod",
@@ -267,7 +269,7 @@ def activation_clustering(
         analysis: ``"separation"``, ``"relative_size"`` or ``"silhouette"``.
         threshold: the analysis's threshold; ``None`` for its default.
         min_source_entropy: ``"separation"`` only: least normalised entropy, in ``[0, 1]``.
-        seed: seed of PCA and k-means.
+        seed: seed of PCA and k-means, an integer >= 0.
 
     Returns:
         :class:`PoisonDetection`: the members of the suspect cluster of every flagged
@@ -298,6 +300,7 @@ def activation_clustering(
     analysis = _check_choice(analysis, "analysis", ANALYSES)  # type: ignore[assignment]
     limit = _threshold(analysis, threshold)
     min_source_entropy = _check_entropy(min_source_entropy)
+    seed = check_seed(seed, non_negative=True)
     classes = np.unique(y).tolist()
     means = {c: x[y == c].mean(0) for c in classes}
     scores = np.zeros(len(y))
@@ -468,6 +471,7 @@ def detect_poisoned_samples(
     """
     method = _check_choice(method, "method", METHODS)  # type: ignore[assignment]
     eps = _check_eps(eps)
+    check_seed(seed, non_negative=True)
     if method == "spectral_signatures":
         return spectral_signatures(features, labels, eps=eps)
     clusters = activation_clustering(

@@ -70,7 +70,9 @@ from lightning_qsec.quant.convert import WEIGHT_LAYERS
 from lightning_qsec.quant.precision import require_float
 from lightning_qsec.quant.weight_grid import WeightQuantizer, check_weight_quantizer, integer_grid, weight_layers
 
-__all__ = ["RepairMethod", "RepairReport", "RepairResult", "repair_quantization_backdoor"]
+__all__ = [
+    "RepairMethod", "RepairReport", "RepairResult", "RepairSettings", "repair_quantization_backdoor", "repair_settings",
+]
 
 RepairMethod = Literal["flip_rounding", "activation_alignment", "finetune"]
 METHODS: tuple[str, ...] = get_args(RepairMethod)
@@ -146,6 +148,88 @@ class RepairResult:
     report: RepairReport
 
 
+@dataclass(frozen=True)
+class RepairSettings:
+    """The checked settings of one repair (see :func:`repair_quantization_backdoor` for each).
+
+    ``steps`` and ``lr`` hold the method's defaults where none were given; ``trigger`` is
+    the stamping function (``None`` without a trigger).
+    """
+
+    method: str
+    bit_width: int
+    quantizer: WeightQuantizer
+    act_bit_width: int
+    trigger: Callable[[Tensor], Tensor] | None
+    target_class: int | None
+    num_batches: int
+    eval_batches: int | None
+    steps: int
+    lr: float
+    batch_size: int
+    flip_weight: float
+    round_weight: float
+    seed: int
+
+
+def repair_settings(
+    *,
+    bit_width: int,
+    method: RepairMethod = "flip_rounding",
+    quantizer: WeightQuantizer = "per_tensor",
+    act_bit_width: int = 8,
+    trigger: Trigger = None,
+    target_class: int | None = None,
+    num_batches: int = 10,
+    eval_batches: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 64,
+    flip_weight: float = 0.1,
+    round_weight: float = 0.01,
+    seed: int = 0,
+) -> RepairSettings:
+    """Check the settings of :func:`repair_quantization_backdoor` and return them normalised.
+
+    The function and the :class:`~lightning_qsec.callbacks.QuantizationBackdoorRepair`
+    callback both call it, so the callback refuses a bad setting when it is built, not
+    after training. The defaults are the function's.
+
+    Raises:
+        ValueError: naming the bad argument and its allowed values.
+
+    Example:
+        >>> s = repair_settings(bit_width=4, method="finetune")
+        >>> s.steps, s.lr, s.quantizer
+        (300, 0.0001, 'per_tensor')
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
+    if (trigger is None) != (target_class is None):
+        raise ValueError(
+            "trigger and target_class go together: pass both to measure the attack success rate, or neither"
+        )
+    bad_class = isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0
+    if target_class is not None and bad_class:
+        raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
+    return RepairSettings(
+        method=method,
+        bit_width=check_bit_width(bit_width, "bit_width"),
+        quantizer=check_weight_quantizer(quantizer),
+        act_bit_width=check_bit_width(act_bit_width, "act_bit_width"),
+        trigger=trigger_function(trigger) if trigger is not None else None,
+        target_class=target_class,
+        num_batches=check_positive_int(num_batches, "num_batches"),
+        eval_batches=None if eval_batches is None else check_positive_int(eval_batches, "eval_batches"),
+        steps=check_positive_int(int(DEFAULTS[method]["steps"]) if steps is None else steps, "steps"),
+        lr=check_number(DEFAULTS[method]["lr"] if lr is None else lr, "lr", low=0.0, low_open=True),
+        batch_size=check_positive_int(batch_size, "batch_size"),
+        flip_weight=check_number(flip_weight, "flip_weight", low=0.0),
+        round_weight=check_number(round_weight, "round_weight", low=0.0),
+        seed=check_seed(seed),
+    )
+
+
 def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -196,8 +280,8 @@ def _check_deployed(
         expected = integer_grid(stored, bit_width, per_channel)[1]
         got = deployed.get_submodule(grid.name).quant_weight().int().to(expected.dtype)
         chosen = torch.round(stored / grid.scale) if fixed else expected
-        if not (torch.equal(got, expected) and torch.equal(got, chosen)):  # pragma: no cover - a guard
-            raise RuntimeError(f"the deployed integer weights of {name} differ from the repaired ones")
+        if not (torch.equal(got, expected) and torch.equal(got, chosen)):
+            raise RuntimeError(f"the deployed integer weights of {grid.name} differ from the repaired ones")
 
 
 def repair_quantization_backdoor(
@@ -277,29 +361,14 @@ def repair_quantization_backdoor(
         >>> sorted(result.report.to_dict())[:3]
         ['act_bit_width', 'agreement_after', 'agreement_before']
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
     model = _check_model(model)
-    bits = check_bit_width(bit_width, "bit_width")
-    acts = check_bit_width(act_bit_width, "act_bit_width")
-    quantizer = check_weight_quantizer(quantizer)
-    check_positive_int(num_batches, "num_batches")
-    if eval_batches is not None:
-        check_positive_int(eval_batches, "eval_batches")
-    steps = check_positive_int(int(DEFAULTS[method]["steps"]) if steps is None else steps, "steps")
-    lr = check_number(DEFAULTS[method]["lr"] if lr is None else lr, "lr", low=0.0, low_open=True)
-    check_positive_int(batch_size, "batch_size")
-    flip_weight = check_number(flip_weight, "flip_weight", low=0.0)
-    round_weight = check_number(round_weight, "round_weight", low=0.0)
-    if (trigger is None) != (target_class is None):
-        raise ValueError(
-            "trigger and target_class go together: pass both to measure the attack success rate, or neither"
-        )
-    bad_class = isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0
-    if target_class is not None and bad_class:
-        raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
-    apply_trigger = trigger_function(trigger) if trigger is not None else None
-    check_seed(seed)
+    settings = repair_settings(
+        bit_width=bit_width, method=method, quantizer=quantizer, act_bit_width=act_bit_width, trigger=trigger,
+        target_class=target_class, num_batches=num_batches, eval_batches=eval_batches, steps=steps, lr=lr,
+        batch_size=batch_size, flip_weight=flip_weight, round_weight=round_weight, seed=seed,
+    )
+    bits, acts, quantizer = settings.bit_width, settings.act_bit_width, settings.quantizer
+    steps, lr, apply_trigger = settings.steps, settings.lr, settings.trigger
     per_channel = quantizer == "per_channel"
     device = next(model.parameters()).device
 
@@ -328,7 +397,8 @@ def repair_quantization_backdoor(
         with torch.enable_grad():
             if method == "flip_rounding":
                 flip_rounding(repaired, reference, grids, calibration.inputs, steps=steps, lr=lr,
-                              batch_size=batch_size, flip_weight=flip_weight, round_weight=round_weight)
+                              batch_size=batch_size, flip_weight=settings.flip_weight,
+                              round_weight=settings.round_weight)
             elif method == "activation_alignment":
                 activation_alignment(repaired, reference, grids, calibration.inputs, steps=steps, lr=lr,
                                      batch_size=batch_size)
