@@ -102,3 +102,12 @@ def test_num_batches_and_intervals():
         PrecisionSweep(every_n_epochs=0)
     with pytest.raises(ValueError, match="calibrate_batches must be an integer >= 0"):
         QuantizationAwareTraining(calibrate_batches=-1)
+
+
+def test_security_report_needs_a_stage(tmp_path):
+    from lightning_qsec.callbacks import SecurityReport
+
+    with pytest.raises(ValueError, match="`on` must name at least one stage"):
+        SecurityReport(tmp_path, on=())
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        SecurityReport(tmp_path, on=("train",))

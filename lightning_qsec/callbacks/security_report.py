@@ -57,6 +57,8 @@ class SecurityReport(pl.Callback):
         on: Sequence[Stage] = ("fit", "test"),
     ) -> None:
         stages = (on,) if isinstance(on, str) else tuple(on)
+        if not stages:
+            raise ValueError(f"SecurityReport: `on` must name at least one stage of {_STAGES}, got {on!r}")
         for stage in stages:
             if stage not in _STAGES:
                 raise ValueError(
