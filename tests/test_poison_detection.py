@@ -228,6 +228,13 @@ def test_functional_core_rejects_bad_input() -> None:
         spectral_signatures(x, y, eps=0.7)
     with pytest.raises(ValueError, match="method='x' is not supported"):
         detect_poisoned_samples(x, y, method="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"classes \[7\] do not occur in labels; the labels present are \[0, 1\]"):
+        spectral_signatures(x, y, classes=[7])
+    with pytest.raises(ValueError, match="classes must be a list of integer class labels"):
+        spectral_signatures(x, y, classes="0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="labels must be class indices >= 0"):
+        activation_clustering(x, y - 1)
+    assert spectral_signatures(x, y, classes=[1]).per_class[0]["removed"] == 0  # class 0 not inspected
 
 
 def test_functional_core_rejects_bad_seeds() -> None:

@@ -109,6 +109,19 @@ class PoisonDetection:
         return [c for c, stats in self.per_class.items() if stats.get("poisoned")]
 
 
+def _check_classes(classes: Any, labels: np.ndarray) -> list[int]:
+    """``classes`` as a list of labels that occur in ``labels``."""
+    present = sorted(set(labels.tolist()))
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in classes
+    ):
+        raise ValueError(f"classes must be a list of integer class labels or None, got {classes!r}")
+    absent = [c for c in classes if c not in present]
+    if absent:
+        raise ValueError(f"classes {absent} do not occur in labels; the labels present are {present}")
+    return list(classes)
+
+
 def _check_inputs(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(features, Tensor) or features.ndim < 2 or not features.is_floating_point():
         got = f"shape {tuple(features.shape)}, dtype {features.dtype}" if isinstance(features, Tensor) else type(features).__name__
@@ -120,6 +133,8 @@ def _check_inputs(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"labels must be a 1-D integer tensor of class labels, got {got}")
     if labels.shape[0] != features.shape[0]:
         raise ValueError(f"features has {features.shape[0]} rows but labels has {labels.shape[0]}")
+    if int(labels.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
     x = features.detach().flatten(1).double().cpu().numpy()
     if not np.isfinite(x).all():
         raise ValueError("features contains NaN or infinite values")
@@ -379,8 +394,9 @@ def spectral_signatures(
         ``top_singular_ratio`` (first over second singular value).
 
     Raises:
-        ValueError: bad features or labels (see :func:`activation_clustering`), or
-            ``eps`` outside ``(0, 2/3]``.
+        ValueError: bad features or labels (see :func:`activation_clustering`),
+            ``eps`` outside ``(0, 2/3]``, or ``classes`` that is not a list of labels
+            present in ``labels``.
 
     Example:
         >>> import torch
@@ -395,7 +411,7 @@ def spectral_signatures(
     scores = np.zeros(len(y))
     suspect = np.zeros(len(y), dtype=bool)
     per_class: dict[int, dict[str, Any]] = {}
-    inspect = set(np.unique(y).tolist() if classes is None else [int(c) for c in classes])
+    inspect = set(np.unique(y).tolist() if classes is None else _check_classes(classes, y))
     for c in np.unique(y).tolist():
         idx = np.flatnonzero(y == c)
         stats: dict[str, Any] = {"size": len(idx), "removed": 0, "poisoned": False}
