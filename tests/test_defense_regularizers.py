@@ -274,6 +274,29 @@ def test_switchable_bn_keeps_statistics_per_precision(tmp_path) -> None:
     assert torch.equal(module.bn.running_mean, own) and RecordingCNN._now(module) == (4, 4)
 
 
+def test_evaluation_hooks_use_each_precisions_own_batchnorm_statistics() -> None:
+    from lightning_qsec import at_precision
+    from lightning_qsec.callbacks import PrecisionSweep
+
+    pl.seed_everything(0, verbose=False)
+    module = BNCNN()
+    rpt = RandomPrecisionTraining(bit_widths=(4, 8), switchable_bn=True, seed=1)
+    sweep = PrecisionSweep([8])
+    _, trainer = _fit([rpt, sweep], module=module, epochs=1, enable_checkpointing=False)
+    trainer.test(module, datamodule=DigitsDataModule(), verbose=False)
+    dm = DigitsDataModule()
+    dm.setup("test")
+    x, y = dm.test_dataset.tensors
+    module.eval()
+    with torch.no_grad():
+        with rpt.switched(module, 8):
+            own = float((module(x).argmax(1) == y).float().mean())
+        with at_precision(module, weight_bit_width=8, act_bit_width=8):  # w8a8 with the w4a4 statistics
+            shared = float((module(x).argmax(1) == y).float().mean())
+    assert sweep.results["test"]["precisions"]["w8a8"]["accuracy"] == pytest.approx(own, abs=1e-6)
+    assert own != shared
+
+
 def test_switchable_bn_needs_configured_precision_in_bit_widths() -> None:
     pl.seed_everything(0, verbose=False)
     with pytest.raises(ValueError, match="switchable_bn=True .* one of bit_widths"):

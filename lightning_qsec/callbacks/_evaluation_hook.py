@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
 
 from lightning_qsec._validation import check_positive_int
+from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
+from lightning_qsec.quant.precision import at_precision
+from lightning_qsec.quant.spec import Precision
 
 __all__ = ["EvaluationCallback", "Stage", "STAGES"]
 
@@ -25,7 +30,10 @@ class EvaluationCallback(pl.Callback):
     ``every_n_epochs`` only inside ``fit``, keeps :attr:`results` (latest per stage) and
     :attr:`history` in ``state_dict``, and raises a clear error when a standalone
     ``trainer.validate()``/``trainer.test()`` measured nothing (an empty dataloader:
-    Lightning skips the loop silently).
+    Lightning skips the loop silently). Hooks switch precision with :meth:`precision`,
+    which uses the precision's own BatchNorm statistics when a
+    :class:`~lightning_qsec.defenses.RandomPrecisionTraining` with ``switchable_bn=True``
+    trains the module.
 
     Args:
         every_n_epochs: measure at validation every this many epochs of ``fit``.
@@ -44,6 +52,16 @@ class EvaluationCallback(pl.Callback):
         self.history: list[dict[str, Any]] = []
         self._active = False
         self._measured_in_stage = False
+        self._switchable: tuple[RandomPrecisionTraining, nn.Module] | None = None
+
+    def precision(self, model: nn.Module, precision: Precision) -> AbstractContextManager[Any]:
+        """``model`` at ``precision``, in place: :func:`~lightning_qsec.quant.at_precision`, or,
+        for the module a ``RandomPrecisionTraining(switchable_bn=True)`` trains, its
+        :meth:`~lightning_qsec.defenses.RandomPrecisionTraining.switched` (that precision's
+        BatchNorm statistics too)."""
+        if self._switchable is not None and model is self._switchable[1]:
+            return self._switchable[0].switched(model, precision)
+        return at_precision(model, weight_bit_width=precision.weight_bit_width, act_bit_width=precision.act_bit_width)
 
     # ------------------------------------------------------------------ subclass API
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -62,6 +80,10 @@ class EvaluationCallback(pl.Callback):
         if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._active = True
+        switcher = next(
+            (cb for cb in trainer.callbacks if isinstance(cb, RandomPrecisionTraining) and cb.switchable_bn), None
+        )
+        self._switchable = None if switcher is None else (switcher, pl_module)
         self._start(trainer, pl_module)
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:

@@ -35,7 +35,7 @@ from lightning_qsec.metrics.functional.quantization_induced_disparity import (
     _group_accuracy_drop_from_counts,
     _qid_from_counts,
 )
-from lightning_qsec.quant.precision import at_precision, float_mode
+from lightning_qsec.quant.precision import float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 from lightning_qsec.report.markdown import format_interval
 from lightning_qsec.report.section import Plot, ReportSection, Table
@@ -301,7 +301,7 @@ class FairnessEvaluation(EvaluationCallback):
             self._num_classes = int(logits.shape[1])
             cols.append(logits.argmax(1))
             for p in self.precisions:
-                with at_precision(model, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width):
+                with self.precision(model, p):
                     cols.append(model(x).argmax(1))
         self._store.update(torch.stack(cols, dim=1))
 

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -31,7 +31,7 @@ from lightning_qsec.privacy import (
 from lightning_qsec.privacy.bootstrap import bootstrap_indices, bootstrap_metrics, percentile_interval
 from lightning_qsec.privacy.roc import _roc_batch
 from lightning_qsec.quant.calibration import calibrate
-from lightning_qsec.quant.precision import at_precision, float_mode
+from lightning_qsec.quant.precision import float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 from lightning_qsec.report.markdown import format_interval
 from lightning_qsec.report.section import Plot, ReportSection, Table
@@ -132,15 +132,19 @@ def _forward(model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
 
 
 def _logits_per_key(
-    model: nn.Module, x: Tensor, precisions: Sequence[Precision], device: torch.device
+    model: nn.Module,
+    x: Tensor,
+    precisions: Sequence[Precision],
+    device: torch.device,
+    switch: Callable[[nn.Module, Precision], contextlib.AbstractContextManager[Any]],
 ) -> dict[str, Tensor]:
-    """Logits of ``model`` on ``x`` with quantization off and at every precision, in place."""
+    """Logits of ``model`` on ``x`` with quantization off and at every precision (set by ``switch``), in place."""
     out: dict[str, Tensor] = {}
     with eval_mode(model), torch.no_grad():
         with float_mode(model):
             out["float"] = _forward(model, x, device)
         for p in precisions:
-            with at_precision(model, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width):
+            with switch(model, p):
                 out[p.label] = _forward(model, x, device)
     return out
 
@@ -436,7 +440,7 @@ class MembershipInferenceEvaluation(EvaluationCallback):
         x_m, y_m = x_m.clone(), y_m.clone()
         n_m, n_n = len(y_m), len(y_n)
         x_all, y_all = torch.cat([x_m, x_n]), torch.cat([y_m, y_n])
-        logits = _logits_per_key(target, x_all, self.precisions, device)
+        logits = _logits_per_key(target, x_all, self.precisions, device, self.precision)
         lira_info: dict[str, Any] | None = None
         shadow_logits: list[dict[str, Tensor]] = []
         halves = torch.zeros(0, dtype=torch.long)
@@ -546,7 +550,7 @@ class MembershipInferenceEvaluation(EvaluationCallback):
             if self.shadow_samples is not None and self.shadow_samples < len(rows):
                 rows = rows[torch.randperm(len(rows), generator=gen)[: self.shadow_samples].sort().values]
             shadow = self._train_shadow(target, x[rows], y[rows], k, device)
-            logits.append(_logits_per_key(shadow, x, self.precisions, device))
+            logits.append(_logits_per_key(shadow, x, self.precisions, device, self.precision))
             sizes.append(len(rows))
             del shadow
         return halves, logits, sizes

@@ -18,7 +18,7 @@ from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.callbacks._evaluation_hook import EvaluationCallback, Stage
 from lightning_qsec.callbacks._target import quantized_target
 from lightning_qsec.metrics import QuantizationDisagreement
-from lightning_qsec.quant.precision import at_precision, float_mode
+from lightning_qsec.quant.precision import float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
@@ -124,7 +124,7 @@ class PrecisionSweep(EvaluationCallback):
             float_preds = float_logits.argmax(1)
             self._metric("float/acc", num_classes, x.device).update(float_preds, y)
             for p in self.precisions:
-                with at_precision(model, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width):
+                with self.precision(model, p):
                     preds = model(x).argmax(1)
                 self._metric(f"{p.label}/acc", num_classes, x.device).update(preds, y)
                 self._metric(f"{p.label}/disagreement", num_classes, x.device).update(float_preds, preds)
@@ -180,7 +180,7 @@ class PrecisionSweep(EvaluationCallback):
         with torch.inference_mode(False), tempfile.TemporaryDirectory() as tmp:
             for p in self.precisions:
                 path = Path(tmp) / f"{p.label}.onnx"
-                with at_precision(self._target, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width):
+                with self.precision(self._target, p):
                     export_onnx(self._target, path, example_input=x[:2].clone().to(device), format="qcdq")
                     out["precisions"][p.label] = {
                         level: compare_deployed(self._target, path, x.clone(), y.clone(), graph_optimization=level)

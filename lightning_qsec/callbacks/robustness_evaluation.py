@@ -23,7 +23,7 @@ from lightning_qsec.callbacks._evaluation_hook import STAGES, EvaluationCallback
 from lightning_qsec.callbacks._target import quantized_target
 from lightning_qsec.metrics import AttackSuccessRate, RobustAccuracy
 from lightning_qsec.quant.amplification import amplification_terms
-from lightning_qsec.quant.precision import at_precision, float_mode
+from lightning_qsec.quant.precision import float_mode
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 from lightning_qsec.report.section import Plot, ReportSection, Table
 
@@ -299,9 +299,7 @@ class RobustnessEvaluation(EvaluationCallback):
     def _configs(self, model: nn.Module) -> Iterator[tuple[str, Precision | None, Callable[[], AbstractContextManager[Any]]]]:
         yield "float", None, lambda: float_mode(model)
         for p in self.precisions:
-            yield p.label, p, lambda p=p: at_precision(
-                model, weight_bit_width=p.weight_bit_width, act_bit_width=p.act_bit_width
-            )
+            yield p.label, p, lambda p=p: self.precision(model, p)
 
     def _measure(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Metric]:
         metrics: dict[str, Metric] = {}
