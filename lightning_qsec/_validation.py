@@ -14,12 +14,13 @@ MAX_BIT_WIDTH = 16
 def check_bit_width(value: Any, name: str = "bit_width") -> int:
     """Return ``value`` as an int bit width, or raise a ``ValueError`` naming ``name``.
 
-    Allowed values are the integers ``2..16`` (an integral float such as ``4.0`` is accepted).
+    Allowed values are the integers ``2..16``, Python or NumPy (an integral float such as
+    ``4.0`` is accepted).
     """
     allowed = f"an integer from {MIN_BIT_WIDTH} to {MAX_BIT_WIDTH}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+    if isinstance(value, (float, np.floating)) and (not math.isfinite(value) or not float(value).is_integer()):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if not MIN_BIT_WIDTH <= int(value) <= MAX_BIT_WIDTH:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -56,8 +57,12 @@ def check_probability(value: Any, name: str) -> float:
 def check_number(
     value: Any, name: str, *, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
 ) -> float:
-    """Return ``value`` as a float if it is a finite number in the interval, else raise ``ValueError``."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """Return ``value`` as a float if it is a finite number (Python or NumPy) in the interval, else raise ``ValueError``."""
+    ok = (
+        not isinstance(value, (bool, np.bool_))
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+    )
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:

@@ -94,6 +94,9 @@ def read_batch(batch: Any) -> Batch:
         return batch
     if isinstance(batch, Mapping):
         x, y, g = _pick(batch, INPUT_KEYS), _pick(batch, TARGET_KEYS), _pick(batch, GROUP_KEYS)
+        for value, keys, what in ((x, INPUT_KEYS, "input"), (y, TARGET_KEYS, "target")):
+            if value is None:
+                raise _error(batch, f"no {what} key found among {keys}")
     elif isinstance(batch, (tuple, list)):
         if len(batch) not in (2, 3):
             raise _error(batch, f"a sequence of length {len(batch)}, not 2 or 3")
@@ -103,13 +106,17 @@ def read_batch(batch: Any) -> Batch:
         raise _error(batch, "not a tuple, list or dict")
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise _error(batch, "inputs and targets must both be tensors")
-    if y.dim() != 1 or y.dtype.is_floating_point:
+    if x.dim() == 0:
+        raise _error(batch, "inputs must have a batch dimension (N, ...)")
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise _error(batch, "targets must be a 1-D integer tensor of class labels")
     if x.shape[0] != y.shape[0]:
         raise _error(batch, f"inputs have {x.shape[0]} rows but targets {y.shape[0]}")
     if g is not None:
         if not isinstance(g, Tensor) or g.dim() != 1 or g.shape[0] != y.shape[0]:
             raise _error(batch, "groups must be a 1-D tensor with one label per row")
+        if g.dtype.is_floating_point or g.dtype.is_complex:
+            raise _error(batch, f"groups must be integer group labels, got dtype {g.dtype}")
     return Batch(inputs=x, targets=y, groups=g)
 
 

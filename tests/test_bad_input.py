@@ -16,6 +16,16 @@ def _net():
     return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
 
 
+def test_numpy_bit_widths_and_frozen_layers():
+    import numpy as np
+
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    q = quantize_model(net, weight_bit_width=np.arange(2, 9)[2], act_bit_width=np.int32(8))
+    assert q[0].weight_quant.bit_width().item() == 4
+    assert not q[0].weight.requires_grad and q[0].bias.requires_grad and q[2].weight.requires_grad
+
+
 @pytest.mark.parametrize("bits", [0, 17, 4.5, "four", True])
 def test_bad_bit_widths(bits):
     with pytest.raises(ValueError, match=r"weight_bit_width must be an integer from 2 to 16"):
@@ -58,6 +68,11 @@ def test_model_without_quantizable_layers():
         ("not a batch", r"str: not a tuple, list or dict"),
         ((torch.zeros(2, 64), torch.zeros(2)), r"targets must be a 1-D integer tensor"),
         ((torch.zeros(3, 64), torch.zeros(2, dtype=torch.long)), r"inputs have 3 rows but targets 2"),
+        ({"x": torch.zeros(2, 64)}, r"no target key found among \('y'"),
+        ({"y": torch.zeros(2, dtype=torch.long)}, r"no input key found among \('x'"),
+        ((torch.tensor(1.0), torch.tensor([1])), r"inputs must have a batch dimension"),
+        ((torch.zeros(2, 64), torch.tensor([True, False])), r"targets must be a 1-D integer tensor"),
+        ((torch.zeros(2, 64), torch.tensor([1, 0]), torch.tensor([0.5, 0.2])), r"groups must be integer group labels"),
     ],
 )
 def test_unreadable_batches(batch, fragment):

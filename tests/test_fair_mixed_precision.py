@@ -246,6 +246,26 @@ def test_bad_model_and_loader(adult) -> None:
         quantize_neurons(copy.deepcopy(model), {"net.1": [0]})
     with pytest.raises(ValueError, match=r"high_precision_neurons\['net.4'\] must hold distinct indices in 0..1"):
         quantize_neurons(copy.deepcopy(model), {"net.4": [2]})
+    with pytest.raises(ValueError, match="high_precision_neurons must be a mapping"):
+        quantize_neurons(copy.deepcopy(model), [1, 2])  # type: ignore[arg-type]
+    for rows in (3, [1.7], "01"):
+        with pytest.raises(ValueError, match=r"high_precision_neurons\['net.0'\] must be a sequence of integer"):
+            quantize_neurons(copy.deepcopy(model), {"net.0": rows})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="dataloader must be re-iterable"):
+        _run(model, (batch for batch in loader), sensitive_attribute_index=sex)
+
+
+def test_frozen_layers_stay_frozen_and_unused_layers_score_zero() -> None:
+    torch.manual_seed(0)
+    net = TabularMLP(4, hidden=(8,))
+    net.aux_head = torch.nn.Linear(8, 3)  # never called in forward
+    net.net[0].weight.requires_grad_(False)
+    x = torch.cat([torch.randn(16, 3), torch.randint(0, 2, (16, 1)).float()], 1)
+    scores, _, _ = neuron_bias_scores(net, [(x, torch.zeros(16, dtype=torch.long))], sensitive_attribute_index=3)
+    assert float(scores["aux_head"].abs().sum()) == 0 and float(scores["net.0"].abs().sum()) > 0
+    mixed = quantize_neurons(net, {"net.0": [0, 1]})
+    assert not mixed.net[0].high.weight.requires_grad and not mixed.net[0].low.weight.requires_grad
+    assert mixed.net[0].high.bias.requires_grad
 
 
 def test_score_matches_hand_computation() -> None:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -278,12 +279,13 @@ def neuron_bias_scores(
         else:
             pred = flat.argmax(1)
             s = F.log_softmax(flat, dim=1).gather(1, (pred if cls is None else cls)[:, None])[:, 0]
-        acts = [outputs[n] for n in layers]
+        called = [n for n in layers if n in outputs]  # a layer forward() never calls scores 0
+        acts = [outputs[n] for n in called]
         grads = torch.autograd.grad(s.sum(), acts, allow_unused=True)
         return (
             pred.detach(),
-            {n: a.detach() for n, a in zip(layers, acts)},
-            {n: torch.zeros_like(a) if g is None else g for n, a, g in zip(layers, acts, grads)},
+            {n: a.detach() for n, a in zip(called, acts)},
+            {n: torch.zeros_like(a) if g is None else g for n, a, g in zip(called, acts, grads)},
         )
 
     scores = {name: torch.zeros(_out_units(m), dtype=torch.float64) for name, m in layers.items()}
@@ -314,6 +316,8 @@ def neuron_bias_scores(
                 pred_flip, acts_flip, grads_flip = activations_and_grads(x_flip, pred)
                 flipped_preds += int((pred_flip != pred).sum())
                 for name, layer in layers.items():
+                    if name not in acts or name not in acts_flip:
+                        continue
                     c = (acts[name] - acts_flip[name]) * (grads[name] + grads_flip[name]) / 2
                     c = c.movedim(_neuron_dim(layer), 1).reshape(len(x), c.shape[_neuron_dim(layer)], -1).sum(2)
                     scores[name] += c.abs().sum(0).double().cpu()
@@ -352,6 +356,8 @@ def _sub_layer(layer: nn.Module, rows: Tensor) -> nn.Module:
         sub.weight.copy_(layer.weight[rows])
         if bias:
             sub.bias.copy_(layer.bias[rows])
+    for name, param in layer.named_parameters(recurse=False):  # a frozen layer stays frozen
+        sub.get_parameter(name).requires_grad_(param.requires_grad)
     return sub
 
 
@@ -363,8 +369,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _check_selection(
     high_precision_neurons: Mapping[str, Sequence[int]], layers: Mapping[str, nn.Module]
 ) -> dict[str, list[int]]:
+    if not isinstance(high_precision_neurons, Mapping):
+        raise ValueError(
+            "high_precision_neurons must be a mapping layer name -> sequence of output indices, got "
+            f"{type(high_precision_neurons).__name__}; allowed layers: {list(layers)}"
+        )
     out = {}
-    for name, rows in dict(high_precision_neurons).items():
+    for name, rows in high_precision_neurons.items():
+        if isinstance(rows, Tensor):
+            rows = rows.tolist()
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not all(
+            isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_)) for r in rows
+        ):
+            raise ValueError(f"high_precision_neurons[{name!r}] must be a sequence of integer indices, got {rows!r}")
         if name not in layers:
             raise ValueError(
                 f"high_precision_neurons names {name!r}, which is not a linear/conv layer of the model; "
@@ -497,7 +514,8 @@ def fair_mixed_precision(
     Args:
         model: a trained float model; quantized in place and returned.
         dataloader: batches read by the batch adapter, for scoring and calibration
-            (e.g. the training loader).
+            (e.g. the training loader); it is read twice, so it must be re-iterable (a
+            ``DataLoader`` or a list, not a generator).
         sensitive_attribute_index: column ``x[:, i]`` holding a 0/1 attribute, or the
             columns of its one-hot block (rolled by one column; a swap for two). On
             Adult with ``include_sensitive_feature=True``:
@@ -537,6 +555,11 @@ def fair_mixed_precision(
         2
         >>> y = qnet(x)
     """
+    if iter(dataloader) is dataloader:
+        raise ValueError(
+            "dataloader must be re-iterable (a DataLoader or a list): it is read for scoring and again for "
+            f"calibration, got a one-shot iterator ({type(dataloader).__name__})"
+        )
     fraction = high_precision_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ValueError(f"high_precision_fraction must be a number in (0, 1), got {fraction!r}")

@@ -110,6 +110,8 @@ def _weight_layer(module: nn.Module, bits: int, input_bits: int | None, per_chan
     result = layer.load_state_dict(module.state_dict(), strict=False)
     if result.unexpected_keys:  # pragma: no cover - guards a Brevitas layout change
         raise RuntimeError(f"could not copy {result.unexpected_keys} into {quant_cls.__name__}")
+    for name, param in module.named_parameters(recurse=False):  # a frozen layer stays frozen
+        layer.get_parameter(name).requires_grad_(param.requires_grad)
     return layer
 
 
