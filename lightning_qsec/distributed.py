@@ -23,9 +23,24 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["shutdown_distributed", "wait_for_launched_processes"]
+__all__ = ["broadcast_from_rank_zero", "shutdown_distributed", "wait_for_launched_processes"]
+
+
+def broadcast_from_rank_zero(tensors: Any) -> None:
+    """Overwrite ``tensors`` (an iterable of tensors) in place with rank 0's values.
+
+    What DDP does to buffers at a synchronised forward, for state it does not cover
+    (statistics that change inside ``no_sync`` micro-batches, state kept outside the
+    module). A no-op without an initialised process group or with one process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
 
 
 def _launched_processes(trainer: Any) -> list[subprocess.Popen[Any]]:

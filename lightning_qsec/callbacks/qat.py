@@ -10,33 +10,16 @@ from pytorch_lightning.callbacks import ModelPruning
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_qsec._validation import check_positive_int
-from lightning_qsec.batch import Batch, BatchAdapter, adapter_or_default
+from lightning_qsec.batch import BatchAdapter
+from lightning_qsec.callbacks._target import gathered_batches
+from lightning_qsec.distributed import broadcast_from_rank_zero
 from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
+from lightning_qsec.quant.inspect import stat_scalers
 from lightning_qsec.quant.statistics import load_statistics_state, statistics_state
 
 __all__ = ["QuantizationAwareTraining"]
-
-
-def _gathered_batches(
-    trainer: pl.Trainer, loader: Any, num_batches: int, batch_adapter: BatchAdapter | None
-) -> list[Batch]:
-    """Each rank's first ``num_batches`` batches, gathered from all ranks in rank order.
-
-    Under DDP every rank then calibrates on the same global batches, so the scales equal
-    those of a one-process run on the same data.
-    """
-    read = adapter_or_default(batch_adapter)
-    gathered: list[Batch] = []
-    for i, batch in enumerate(loader):
-        if i >= num_batches:
-            break
-        b = read(batch)
-        inputs = trainer.strategy.all_gather(b.inputs.to(trainer.strategy.root_device))
-        targets = trainer.strategy.all_gather(b.targets.to(trainer.strategy.root_device))
-        gathered.append(Batch(inputs.flatten(0, 1), targets.flatten(0, 1)))
-    return gathered
 
 
 class QuantizationAwareTraining(pl.Callback):
@@ -99,6 +82,7 @@ class QuantizationAwareTraining(pl.Callback):
         self.batch_adapter = batch_adapter
         self.calibrated = False
         self._module: pl.LightningModule | None = None
+        self._synced_scalers: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -119,6 +103,7 @@ class QuantizationAwareTraining(pl.Callback):
             )
         quantize_model(pl_module, **self.config.to_dict())
         self._module = pl_module
+        self._synced_scalers = set()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.calibrated or self.calibrate_batches == 0:
@@ -132,11 +117,28 @@ class QuantizationAwareTraining(pl.Callback):
             )
         adapter = self.batch_adapter
         if trainer.world_size > 1:
-            loader, adapter = _gathered_batches(trainer, loader, self.calibrate_batches, adapter), None
+            loader, adapter = gathered_batches(trainer, loader, self.calibrate_batches, adapter), None
         # BatchNorm as training will run it: with batch statistics (running ones may be untrained)
         calibrate(pl_module, loader, self.calibrate_batches, batch_adapter=adapter, batchnorm="batch")
         self.calibrated = True
         rank_zero_info(f"QuantizationAwareTraining: activation scales calibrated on {self.calibrate_batches} batches")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Scales collected during training (calibrate_batches=0) come from each rank's own statistics,
+        # and inside no_sync micro-batches DDP does not align them: when a scaler's collection ends,
+        # take rank 0's scale, as DDP's buffer broadcast would. Every rank runs the same forwards, so
+        # every rank sees the same scalers finish at the same step.
+        if trainer.world_size < 2:
+            return
+        done = [
+            (name, s) for name, s in stat_scalers(pl_module)
+            if s.counter > s.collect_stats_steps and name not in self._synced_scalers
+        ]  # fmt: skip
+        if done:
+            broadcast_from_rank_zero(t for _, s in done for t in (s.value, s.buffer))
+            self._synced_scalers.update(name for name, _ in done)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"config": self.config.to_dict(), "calibrated": self.calibrated}

@@ -24,6 +24,7 @@ from lightning_qsec.defenses._regularizer import (
     check_resumed_config,
     preserved_running_state,
 )
+from lightning_qsec.distributed import broadcast_from_rank_zero
 from lightning_qsec.quant.inspect import is_quantized
 
 __all__ = ["AdversarialTraining", "trades_adversary"]
@@ -379,6 +380,11 @@ class AdversarialTraining(pl.Callback):
         if count == 0:
             return
         x, y = inputs[:count], targets[:count]
+        if trainer.world_size > 1:
+            # The attack runs the module itself, not the DDP wrapper: start from rank 0's buffers
+            # (BatchNorm running statistics), as the next synchronised forward would, so every rank
+            # crafts against the model a checkpoint holds and a resumed run crafts the same inputs.
+            broadcast_from_rank_zero(pl_module.buffers())
         generator = self._generator(trainer, inputs.device, batch_idx)
         target = self._target(pl_module)
         with trainer.precision_plugin.forward_context():

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_qsec._validation import check_seed
 from lightning_qsec.defenses._regularizer import check_resumed_config
+from lightning_qsec.distributed import broadcast_from_rank_zero
 from lightning_qsec.quant.precision import at_precision, bit_widths, require_quantized
 from lightning_qsec.quant.spec import Precision, PrecisionLike, parse_precisions
 
@@ -192,6 +193,12 @@ class RandomPrecisionTraining(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._stack.close()
+        used = self.current
+        if trainer.world_size > 1 and self.switchable_bn and used is not None and used != self._configured:
+            # Each rank updated its own copy of this precision's statistics; keep rank 0's, as DDP
+            # keeps rank 0's buffers for the statistics that live in the model.
+            stats = self.bn_statistics[used.label]
+            broadcast_from_rank_zero(t for buffers in stats.values() for t in buffers.values())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stack.close()
