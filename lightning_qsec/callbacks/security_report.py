@@ -65,6 +65,10 @@ class SecurityReport(pl.Callback):
                     f"SecurityReport: unknown stage {stage!r} in `on`, expected one of {_STAGES}"
                 )
         self.dirpath: Path = Path(dirpath)
+        if self.dirpath.exists() and not self.dirpath.is_dir():
+            raise ValueError(
+                f"SecurityReport: dirpath {str(dirpath)!r} is a file; expected a directory (made if missing)"
+            )
         self.on: tuple[str, ...] = stages
         self.last_report_path: Path | None = None
 
