@@ -253,11 +253,11 @@ def _evaluate(
     preds = []
     with eval_mode(model):
         for x, y in zip(data.inputs, data.targets):
-            logits = model(x)
+            logits = model(x).cpu()  # the metrics live on the CPU, whatever the model's device
             preds.append(logits.argmax(1))
-            accuracy.update(logits, y)
+            accuracy.update(logits, y.cpu())
             if trigger is not None:
-                asr.update(logits, model(trigger(x)), y, attack_target=target_class)
+                asr.update(logits, model(trigger(x)).cpu(), y.cpu(), attack_target=target_class)
     rate = float(asr.compute()) if trigger is not None else None
     return float(accuracy.compute()), rate, torch.cat(preds)
 
