@@ -410,7 +410,7 @@ def test_security_report_end_to_end(tmp_path: Path) -> None:
     assert section["accuracy"] == pytest.approx(expected, abs=1e-9)
     assert report["metadata"] == {
         "stage": "fit",
-        "epoch": trainer.current_epoch,
+        "epochs_completed": trainer.current_epoch,
         "global_step": trainer.global_step,
         "model": "_DigitsNet",
     }
@@ -435,3 +435,45 @@ def test_security_report_stages_and_state(tmp_path: Path) -> None:
     assert report_cb.state_dict() == {"dirpath": str(tmp_path / "r")}
     with pytest.raises(ValueError, match="'predict'"):
         SecurityReport(on=("fit", "predict"))  # type: ignore[arg-type]
+
+
+def test_markdown_links_and_titles_survive_odd_names(tmp_path: Path) -> None:
+    from lightning_qsec.report.markdown import format_interval
+
+    section = ReportSection(
+        name="odd", title="Odd\ntitle", data={}, notes=["two\nlines"],
+        plots=[Plot(filename="acc vs #bits (w4).png", title="A [plot]", xlabel="x", ylabel="y", series={"s": [(0, 1.0), (1, 2.0)]})],
+    )
+    write_report(tmp_path, [section], metadata={})
+    md = (tmp_path / "report.md").read_text()
+    assert "## Odd title" in md and "- two lines" in md
+    assert "![A (plot)](acc%20vs%20%23bits%20%28w4%29.png)" in md
+    assert (tmp_path / "acc vs #bits (w4).png").is_file()
+    assert format_interval({"value": None, "ci_low": None, "ci_high": None}) == "nan"
+    assert format_interval({"value": 0.5, "ci_low": 0.4, "ci_high": None}) == "0.5000"
+
+
+def test_nothing_is_written_when_encoding_fails(tmp_path: Path) -> None:
+    bad = ReportSection(name="bad", data={}, title="surrogate \\udc80".encode().decode("unicode_escape"),
+                        plots=[Plot(filename="new.png", title="t", xlabel="x", ylabel="y", series={"s": [(0, 1.0)]})])
+    with pytest.raises(UnicodeEncodeError):
+        write_report(tmp_path, [bad], metadata={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_hooks_of_one_kind_get_their_own_sections(tmp_path: Path) -> None:
+    from conftest import UserCNN, quiet_trainer
+
+    from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining
+    from lightning_qsec.data import DigitsDataModule
+
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+        callbacks=[QuantizationAwareTraining(8, 8, calibrate_batches=1), PrecisionSweep([8]), PrecisionSweep([2]),
+                   SecurityReport(tmp_path)],
+    )
+    trainer.fit(UserCNN(), datamodule=DigitsDataModule())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["sections"]) == ["precision_sweep", "precision_sweep_2"]
+    assert report["metadata"]["epochs_completed"] == 1
+    assert any(p.name.startswith("precision_sweep_2_") for p in tmp_path.glob("*.png"))

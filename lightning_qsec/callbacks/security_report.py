@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +58,8 @@ class SecurityReport(pl.Callback):
         *,
         on: Sequence[Stage] = ("fit", "test"),
     ) -> None:
+        if on is None or not isinstance(on, (str, Sequence)):
+            raise ValueError(f"SecurityReport: `on` must be a stage or a sequence of stages of {_STAGES}, got {on!r}")
         stages = (on,) if isinstance(on, str) else tuple(on)
         if not stages:
             raise ValueError(f"SecurityReport: `on` must name at least one stage of {_STAGES}, got {on!r}")
@@ -91,12 +95,23 @@ class SecurityReport(pl.Callback):
             The non-``None`` sections, in callback order.
         """
         sections: list[ReportSection] = []
+        seen: Counter[str] = Counter()
         for callback in trainer.callbacks:
             if callback is self or not isinstance(callback, EvaluationHook):
                 continue
             section = callback.report_section()
-            if section is not None:
-                sections.append(section)
+            if section is None:
+                continue
+            seen[section.name] += 1
+            if seen[section.name] > 1:  # a second hook of one kind (other settings): its own name and files
+                n, name = seen[section.name], section.name
+                section = dataclasses.replace(
+                    section,
+                    name=f"{name}_{n}",
+                    title=f"{section.title} ({n})",
+                    plots=[dataclasses.replace(p, filename=f"{name}_{n}_{p.filename}") for p in section.plots],
+                )
+            sections.append(section)
         return sections
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -105,7 +120,7 @@ class SecurityReport(pl.Callback):
             return
         metadata = {
             "stage": stage,
-            "epoch": trainer.current_epoch,
+            "epochs_completed": trainer.current_epoch,
             "global_step": trainer.global_step,
             "model": type(pl_module).__name__,
         }

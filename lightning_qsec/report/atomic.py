@@ -34,6 +34,20 @@ def _fsync_dir(dirpath: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        pass
+    umask = os.umask(0o022)  # pragma: no cover - elsewhere only os.umask reads it (briefly set)
+    os.umask(umask)  # pragma: no cover
+    return umask  # pragma: no cover
+
+
 def replace_atomic(temporary: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Move a complete temporary file over ``path``: fsync it, give it the mode a new file
     would get (``0o666`` less the umask) or the mode of the file it replaces, rename, fsync
@@ -41,12 +55,7 @@ def replace_atomic(temporary: str | os.PathLike[str], path: str | os.PathLike[st
     temporary, target = Path(temporary), Path(path)
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
-    if target.exists():
-        mode = stat.S_IMODE(target.stat().st_mode)
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
     os.chmod(temporary, mode)  # mkstemp creates 0o600, which other users and containers cannot read
     os.replace(temporary, target)
     _fsync_dir(target.parent)

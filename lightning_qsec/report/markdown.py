@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,11 +59,16 @@ def format_interval(entry: Mapping[str, Any] | None, digits: int = 4) -> str:
     """
     if entry is None:
         return "-"
-    value = f"{entry['value']:.{digits}f}" if math.isfinite(entry["value"]) else "nan"
-    low = entry.get("ci_low")
-    if low is None or not math.isfinite(low):
+    point, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")  # None: NaN read back from JSON
+    value = f"{point:.{digits}f}" if point is not None and math.isfinite(point) else "nan"
+    if any(bound is None or not math.isfinite(bound) for bound in (low, high)):
         return value
-    return f"{value} [{low:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+    return f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _inline(text: str) -> str:
+    """``text`` on one line, so a newline cannot end a heading, list item or image title."""
+    return " ".join(str(text).splitlines())
 
 
 def render_table(table: Table) -> str:
@@ -74,7 +80,7 @@ def render_table(table: Table) -> str:
     Returns:
         Markdown text ending with a newline.
     """
-    lines = [f"### {table.title}", ""]
+    lines = [f"### {_inline(table.title)}", ""]
     columns = [_escape(str(column)) for column in table.columns]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(" --- " for _ in columns) + "|")
@@ -105,13 +111,15 @@ def render_markdown(report: Mapping[str, Any], sections: Sequence[ReportSection]
     if not sections:
         lines.extend(["_No evaluation hook reported any results._", ""])
     for section in sections:
-        lines.extend([f"## {section.title}", ""])
+        lines.extend([f"## {_inline(section.title)}", ""])
         if section.notes:
-            lines.extend(f"- {note}" for note in section.notes)
+            lines.extend(f"- {_inline(note)}" for note in section.notes)
             lines.append("")
         for table in section.tables:
             lines.append(render_table(table))
         for plot in section.plots:
-            lines.extend([f"![{plot.title}]({plot.filename})", ""])
+            # percent-encoded: a space, '#' or '(' in a valid file name would break the link
+            alt = _inline(plot.title).replace("[", "(").replace("]", ")")
+            lines.extend([f"![{alt}]({urllib.parse.quote(plot.filename)})", ""])
         lines.extend([f"Raw results: `sections.{section.name}` in `report.json`.", ""])
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -64,8 +64,8 @@ def write_report(
     """
     section_list = list(sections)
     report = build_report(section_list, metadata=metadata)
-    json_text = dumps_report(report)
-    markdown_text = render_markdown(report, section_list)
+    json_bytes = dumps_report(report).encode("utf-8")  # encoded here: nothing is written if this fails
+    markdown_bytes = render_markdown(report, section_list).encode("utf-8")
     images = {
         plot.filename: draw_plot(plot) for section in section_list for plot in section.plots
     }
@@ -74,5 +74,5 @@ def write_report(
     directory.mkdir(parents=True, exist_ok=True)
     for filename, png in images.items():
         write_bytes_atomic(directory / filename, png)
-    write_text_atomic(directory / REPORT_MD, markdown_text)
-    return write_text_atomic(directory / REPORT_JSON, json_text)
+    write_bytes_atomic(directory / REPORT_MD, markdown_bytes)
+    return write_bytes_atomic(directory / REPORT_JSON, json_bytes)
