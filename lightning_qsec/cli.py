@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         options = _demo_parser().parse_args(args[1:])
         if options.epochs < 1:
             _demo_parser().error(f"--epochs must be >= 1, got {options.epochs}")
+        if options.seed < 0:
+            _demo_parser().error(f"--seed must be >= 0, got {options.seed}")
         from lightning_qsec.demo import run_demo
 
         run_demo(options.output, epochs=options.epochs, seed=options.seed)

@@ -22,6 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from lightning_qsec._validation import check_seed
 from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining, SecurityReport
 from lightning_qsec.data import DigitsDataModule
 from lightning_qsec.models import ClassificationModule, DigitsCNN
@@ -125,6 +126,7 @@ def run_demo(output: str | os.PathLike[str] = "qsec_report", *, epochs: int = 10
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     output = Path(output)
     with quiet_lightning(), single_thread():
+        check_seed(seed, non_negative=True)
         pl.seed_everything(seed, verbose=False)
         datamodule = DigitsDataModule(batch_size=64, seed=seed)
         module = ClassificationModule(DigitsCNN(), lr=3e-3)

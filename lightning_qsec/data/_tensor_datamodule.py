@@ -87,7 +87,13 @@ class TensorDataModule(pl.LightningDataModule):
     whatever the stage, so every dataloader works in every stage. The training
     loader shuffles with an :class:`~lightning_qsec.data.sampler.EpochSeededSampler`:
     the order of each epoch depends only on ``seed`` and the epoch, so a run resumed
-    from a checkpoint sees the same batches as an uninterrupted one.
+    from an end-of-epoch checkpoint sees the same batches as an uninterrupted one (a
+    checkpoint saved mid-epoch resumes with that epoch's order from its start: the
+    loader keeps no position).
+
+    Raises:
+        ValueError: ``batch_size < 1``, ``num_workers < 0`` or a ``seed`` that is not an
+            integer ``>= 0``.
 
     Args:
         batch_size: rows per batch, ``>= 1``.
@@ -103,7 +109,7 @@ class TensorDataModule(pl.LightningDataModule):
         super().__init__()
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.num_workers = check_int(num_workers, "num_workers", minimum=0)
-        self.seed = check_seed(seed)
+        self.seed = check_seed(seed, non_negative=True)  # NumPy's split generator needs >= 0
         self.train_dataset: TensorDataset | None = None
         self.val_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None

@@ -102,11 +102,13 @@ class FashionMNISTDataModule(TensorDataModule):
         images_path = _find(self.data_dir, f"{prefix}-images-idx3-ubyte")
         labels_path = _find(self.data_dir, f"{prefix}-labels-idx1-ubyte")
         images, labels = read_idx(images_path), read_idx(labels_path)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
                 f"{images_path} / {labels_path}: expected images (N, 28, 28) and labels (N,), "
                 f"got {images.shape} and {labels.shape}"
             )
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"{labels_path}: labels must be the 10 classes 0..9, got {labels.min()}..{labels.max()}")
         return images, labels.astype(np.int64)
 
     @staticmethod

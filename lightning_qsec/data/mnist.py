@@ -74,13 +74,19 @@ class MNIST5kDataModule(TensorDataModule):
         if not path.is_file():
             raise FileNotFoundError(f"MNIST5kDataModule: root={self.root!r} is not a file")
         with np.load(path) as npz:
-            missing = {"x", "y"} - set(npz.files)
-            if missing:
+            keras = {"x_train", "y_train", "x_test", "y_test"}
+            if {"x", "y"} <= set(npz.files):
+                x, y = npz["x"], npz["y"]
+            elif keras <= set(npz.files):  # keras.datasets.mnist's mnist.npz: pooled, then split our way
+                x = np.concatenate([npz["x_train"], npz["x_test"]])
+                y = np.concatenate([npz["y_train"], npz["y_test"]])
+            else:
                 raise ValueError(
-                    f"{path} lacks array(s) {sorted(missing)}; it must hold 'x' and 'y' "
+                    f"{path} must hold arrays 'x' and 'y', or Keras' 'x_train', 'y_train', 'x_test', 'y_test' "
                     f"(has {sorted(npz.files)})"
                 )
-            x, y = npz["x"], npz["y"]
+        if len(y) == 0:
+            raise ValueError(f"{path}: x and y are empty")
         x = np.asarray(x)
         scaled = x.astype(np.float32)
         if not (np.issubdtype(x.dtype, np.floating) and x.size and 0 <= x.min() and x.max() <= 1):

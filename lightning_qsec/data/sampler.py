@@ -15,7 +15,9 @@ class EpochSeededSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` on a sampler that has it at the start of every
     epoch, so the order of epoch ``k`` is the same in an uninterrupted run and in a
-    run resumed from a checkpoint, and it draws nothing from torch's global RNG.
+    run resumed from an end-of-epoch checkpoint, and it draws nothing from torch's
+    global RNG. (The sampler keeps no position inside an epoch: a mid-epoch resume
+    starts that epoch's order again.)
 
     Args:
         data_source: the dataset (only its length is used).

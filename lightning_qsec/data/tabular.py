@@ -330,11 +330,13 @@ class AdultDataModule(TabularDataModule):
 
     @staticmethod
     def _read(path: Path) -> list[list[str]]:
-        rows = []  # lines that are not records (adult.test's "|1x3 Cross validator" header, blanks) are skipped
+        rows = []
         with open(path, newline="", encoding="utf-8") as fh:
             for line in fh:
                 fields = [f.strip() for f in line.split(",")]
-                if len(fields) != len(ADULT_COLUMNS) or "?" in fields:
+                # records only: not adult.test's "|1x3 Cross validator" line, blanks or a CSV header
+                record = len(fields) == len(ADULT_COLUMNS) and fields[-1].rstrip(".") in (">50K", "<=50K")
+                if not record or "?" in fields:
                     continue
                 fields[-1] = fields[-1].rstrip(".")
                 rows.append(fields)
