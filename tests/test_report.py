@@ -451,6 +451,9 @@ def test_markdown_links_and_titles_survive_odd_names(tmp_path: Path) -> None:
     assert (tmp_path / "acc vs #bits (w4).png").is_file()
     assert format_interval({"value": None, "ci_low": None, "ci_high": None}) == "nan"
     assert format_interval({"value": 0.5, "ci_low": 0.4, "ci_high": None}) == "0.5000"
+    assert format_interval({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "undefined_resamples": 3}) == (
+        "0.5000 [0.4000, 0.6000] (3 undefined)"
+    )
 
 
 def test_nothing_is_written_when_encoding_fails(tmp_path: Path) -> None:

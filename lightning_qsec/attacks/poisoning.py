@@ -13,7 +13,8 @@ defenses (e.g. poisoned-sample detection during quantization-aware training):
   serve a triggered copy of its test split.
 
 Threat model: the attacker controls part of the training data (not the training code);
-images are ``(..., H, W)`` tensors (typically ``(N, C, H, W)`` in ``[0, 1]``).
+images are ``(N, H, W)`` or ``(N, C, H, W)`` tensors (typically in ``[0, 1]``); tabular
+``(N, F)`` data needs a callable trigger (e.g. ``quantization_conditioned_attack(trigger=...)``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def _check_patch(trigger: Tensor | None, size: Any, value: Any, position: Any) -
         raise ValueError(f"trigger must be a non-empty tensor patch of shape (h, w) or (C, h, w), got {got}")
 
 
+_TABULAR_HINT = "tabular (N, F) or 1-D inputs need a callable trigger mapping a batch to triggered inputs"
+
+
 def add_trigger(
     inputs: Tensor,
     *,
@@ -71,7 +75,9 @@ def add_trigger(
     """Stamp a BadNets patch trigger on images; the input is not changed.
 
     Args:
-        inputs: images of shape ``(..., H, W)``, e.g. ``(N, C, H, W)`` or ``(C, H, W)``.
+        inputs: images of shape ``(N, H, W)`` or ``(N, C, H, W)`` (at least 3 dimensions;
+            the patch goes on the last two). Tabular ``(N, F)`` batches are refused: the
+            patch would land on the last rows only; use a callable trigger for them.
         trigger: an explicit patch of shape ``(h, w)`` (every channel) or ``(C, h, w)``,
             pasted at ``position``. ``None``: a ``size x size`` square of ``value``.
         size: side of the default square patch, in pixels (>= 1); ignored with ``trigger``.
@@ -82,7 +88,7 @@ def add_trigger(
         A new tensor shaped like ``inputs``, with the patch pasted.
 
     Raises:
-        ValueError: ``inputs`` is not a floating-point tensor with at least 2 dimensions,
+        ValueError: ``inputs`` is not a floating-point tensor with at least 3 dimensions,
             the patch is larger than the image, ``size`` < 1, a non-finite ``value``, an
             unknown ``position``, or a ``trigger`` whose channels do not match.
 
@@ -92,9 +98,12 @@ def add_trigger(
         >>> x[0, 0, -2:, -2:].tolist(), float(x.sum())
         ([[1.0, 1.0], [1.0, 1.0]], 8.0)
     """
-    if not isinstance(inputs, Tensor) or inputs.ndim < 2 or not inputs.is_floating_point():
+    if not isinstance(inputs, Tensor) or inputs.ndim < 3 or not inputs.is_floating_point():
         described = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}" if isinstance(inputs, Tensor) else repr(type(inputs))
-        raise ValueError(f"inputs must be a floating-point tensor of images (..., H, W), got {described}")
+        raise ValueError(
+            "inputs must be a floating-point tensor of images (N, H, W) or (N, C, H, W) for the built-in patch "
+            f"trigger ({_TABULAR_HINT}), got {described}"
+        )
     _check_patch(trigger, size, value, position)
     height, width = inputs.shape[-2:]
     if trigger is None:
@@ -211,7 +220,8 @@ def poison_dataset(
     Args:
         data: a :class:`~torch.utils.data.TensorDataset` ``(x, y)``, an ``(x, y)`` pair of
             tensors, or a map-style dataset of ``(input, label)`` items. ``x``: images
-            ``(N, ..., H, W)``, floating point; ``y``: integer labels ``(N,)``.
+            ``(N, H, W)`` or ``(N, C, H, W)``, floating point (tabular ``(N, F)`` data is
+            refused: the patch trigger is for images); ``y``: integer labels ``(N,)``.
         poison_rate: fraction of all ``N`` rows to poison, in ``[0, 1]``.
         target_class: the label poisoned rows get.
         seed: seed of the draw (a local generator; global RNG untouched).
@@ -224,8 +234,9 @@ def poison_dataset(
 
     Raises:
         ValueError: ``poison_rate`` outside ``[0, 1]``, ``target_class`` out of range, a
-            rate that asks for more rows than are eligible, empty data, labels that are not
-            a 1-D integer tensor matching ``x``, or a bad trigger.
+            rate that asks for more rows than are eligible, empty data, inputs that are not
+            floating-point images, labels that are not a 1-D integer tensor matching ``x``,
+            or a bad trigger.
 
     Example:
         >>> import torch
@@ -235,6 +246,13 @@ def poison_dataset(
         (3, True)
     """
     x, y = _as_tensors(data)
+    if not x.is_floating_point():
+        raise ValueError(f"data must hold floating-point inputs (e.g. images in [0, 1]), got dtype {x.dtype}")
+    if x.ndim < 3:
+        raise ValueError(
+            f"data must hold images (N, H, W) or (N, C, H, W) for the patch trigger, got inputs of shape "
+            f"{tuple(x.shape)}; {_TABULAR_HINT}"
+        )
     rate = _check_rate(poison_rate)
     seed = check_seed(seed)
     if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -278,7 +296,9 @@ class PoisonedDataModule(TensorDataModule):
     :class:`~lightning_qsec.data.MNIST5kDataModule` (any
     :class:`~lightning_qsec.data.TensorDataModule`-style module whose ``setup()`` fills
     ``train_dataset``/``val_dataset``/``test_dataset`` with ``TensorDataset(x, y)``).
-    Only the training split is poisoned (:func:`poison_dataset`); ``poison_indices``
+    Only the training split is poisoned (:func:`poison_dataset`); tensors after ``(x, y)``
+    (e.g. groups) are carried through unchanged, in the training and the triggered test
+    split. ``poison_indices``
     index rows of that split. :meth:`triggered_test_dataloader` serves the test split
     with the trigger on *every* image and the *true* labels, in the same order as
     :meth:`test_dataloader`, so clean and triggered predictions line up for
@@ -370,9 +390,11 @@ class PoisonedDataModule(TensorDataModule):
             **patch,  # type: ignore[arg-type]
         )
         self.poison_indices = poisoned.poison_indices
-        x_test, y_test = test.tensors[:2]
-        self.triggered_test_dataset = TensorDataset(add_trigger(x_test, **patch), y_test.clone())  # type: ignore[arg-type]
-        return TensorDataset(poisoned.x, poisoned.y), val, test
+        x_test, y_test, *extra_test = test.tensors
+        self.triggered_test_dataset = TensorDataset(
+            add_trigger(x_test, **patch), y_test.clone(), *extra_test  # type: ignore[arg-type]
+        )
+        return TensorDataset(poisoned.x, poisoned.y, *train.tensors[2:]), val, test
 
     def triggered_test_dataloader(self) -> DataLoader[Any]:
         """Batches ``(triggered x, true y)`` of the whole test split, in :meth:`test_dataloader`'s order."""

@@ -59,11 +59,13 @@ boxes are then intersected.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -195,6 +197,77 @@ def _check_sequence(values: Any, name: str) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+class _Settings(NamedTuple):
+    """The checked settings of :func:`quantization_conditioned_attack`."""
+
+    combos: list[Combo]
+    target_class: int
+    apply_trigger: Callable[[Tensor], Tensor]
+    lr: float
+    repair_lr: float
+    margin: float
+    float_weight: float
+    ce_margin: float
+
+
+def _check_settings(
+    *,
+    mode: Any,
+    bit_widths: Any,
+    quantizers: Any,
+    target_class: Any,
+    trigger: Any,
+    epochs: Any,
+    repair_epochs: Any,
+    lr: Any,
+    repair_lr: Any,
+    margin: Any,
+    float_weight: Any,
+    ce_margin: Any,
+    batch_adapter: Any,
+    seed: Any,
+) -> _Settings:
+    """Check every setting of the attack (shared by the function and the callback)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
+    bits_list = [check_bit_width(b, "bit_widths entry") for b in _check_sequence(bit_widths, "bit_widths")]
+    quant_list = [check_weight_quantizer(q) for q in _check_sequence(quantizers, "quantizers")]
+    check_positive_int(epochs, "epochs")
+    check_positive_int(repair_epochs, "repair_epochs", allow_zero=True)
+    lr = check_number(lr, "lr", low=0.0, low_open=True)
+    repair_lr = lr if repair_lr is None else check_number(repair_lr, "repair_lr", low=0.0, low_open=True)
+    margin = check_number(margin, "margin", low=0.0, high=0.5, high_open=True)
+    if float_weight is None:
+        float_weight = 0.0 if mode == "backdoor" else 3.0
+    float_weight = check_number(float_weight, "float_weight", low=0.0)
+    ce_margin = check_number(ce_margin, "ce_margin", low=0.0, low_open=True)
+    if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)) or target_class < 0:
+        raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
+    if batch_adapter is not None and not callable(batch_adapter):
+        raise ValueError(f"batch_adapter must be None or a callable, got {type(batch_adapter).__name__}")
+    check_seed(seed)
+    return _Settings(
+        combos=[(b, q == "per_channel") for b in bits_list for q in quant_list],
+        target_class=int(target_class),
+        apply_trigger=trigger_function(trigger),
+        lr=lr,
+        repair_lr=repair_lr,
+        margin=margin,
+        float_weight=float_weight,
+        ce_margin=ce_margin,
+    )
+
+
+def _check_reiterable(loader: Any, name: str) -> None:
+    # A one-shot iterator (e.g. a generator) would be used up by the first epoch. Tested with
+    # isinstance rather than `iter(loader) is loader`, which would start a DataLoader's workers.
+    if isinstance(loader, Iterator):
+        raise ValueError(
+            f"{name} must be re-iterable (a DataLoader or a list of batches), got a one-shot iterator "
+            f"({type(loader).__name__}): the attack passes over it once per epoch"
+        )
+
+
 @contextmanager
 def _frozen_except(model: nn.Module, trainable: Sequence[Tensor]) -> Iterator[None]:
     """Only ``trainable`` require grad inside; flags restored on exit."""
@@ -249,7 +322,11 @@ def quantization_conditioned_attack(
     Args:
         model: the float classifier to start from, ideally trained on the clean task;
             plain ``nn.Conv1d``/``nn.Conv2d``/``nn.Linear`` layers. Copied unless ``inplace``.
-        train_loader: clean training batches ``(x, y)`` (or whatever ``batch_adapter`` reads).
+            Only weights with ``requires_grad=True`` are attacked (trained and boxed);
+            frozen weights are left exactly as they are, though the quantized view used
+            in phase 1 still quantizes them as the victim does.
+        train_loader: clean training batches ``(x, y)`` (or whatever ``batch_adapter``
+            reads); re-iterable (a DataLoader or a list), since it is read once per epoch.
         mode: ``"indiscriminate"``, ``"targeted"`` or ``"backdoor"``.
         bit_widths: weight bit widths the victim may use, each 2..16.
         quantizers: weight quantizers the victim may use, ``"per_tensor"`` and/or
@@ -286,9 +363,9 @@ def quantization_conditioned_attack(
 
     Raises:
         ValueError: an unknown ``mode`` or quantizer, a bad bit width, ``margin`` outside
-            ``[0, 0.5)``, non-positive ``lr``, an empty loader, a model that is already
-            quantized or has no conv/linear layer, or ``target_class`` outside the
-            model's classes.
+            ``[0, 0.5)``, non-positive ``lr``, an empty or one-shot (generator) loader, a
+            model that is already quantized or has no trainable conv/linear weight, or
+            ``target_class`` outside the model's classes.
         RuntimeError: the repaired weights no longer round to the injected integers (a
             guard; it does not happen with a frozen scale and ``margin > 0``).
 
@@ -305,8 +382,15 @@ def quantization_conditioned_attack(
         >>> type(attacked[1]).__name__, type(deployed[1]).__name__
         ('Linear', 'QuantLinear')
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
+    settings = _check_settings(
+        mode=mode, bit_widths=bit_widths, quantizers=quantizers, target_class=target_class, trigger=trigger,
+        epochs=epochs, repair_epochs=repair_epochs, lr=lr, repair_lr=repair_lr, margin=margin,
+        float_weight=float_weight, ce_margin=ce_margin, batch_adapter=batch_adapter, seed=seed,
+    )  # fmt: skip
+    combos, target_class, apply_trigger = settings.combos, settings.target_class, settings.apply_trigger
+    lr, repair_lr, margin = settings.lr, settings.repair_lr, settings.margin
+    float_weight, ce_margin = settings.float_weight, settings.ce_margin
+    _check_reiterable(train_loader, "train_loader")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     require_float(
@@ -317,29 +401,16 @@ def quantization_conditioned_attack(
             f"model has no {'/'.join(t.__name__ for t in WEIGHT_LAYERS)} layer: nothing the victim's "
             "quantize_model would quantize"
         )
-    bits_list = [check_bit_width(b, "bit_widths entry") for b in _check_sequence(bit_widths, "bit_widths")]
-    quant_list = [check_weight_quantizer(q) for q in _check_sequence(quantizers, "quantizers")]
-    combos: list[Combo] = [(b, q == "per_channel") for b in bits_list for q in quant_list]
-    check_positive_int(epochs, "epochs")
-    check_positive_int(repair_epochs, "repair_epochs", allow_zero=True)
-    lr = check_number(lr, "lr", low=0.0, low_open=True)
-    repair_lr = lr if repair_lr is None else check_number(repair_lr, "repair_lr", low=0.0, low_open=True)
-    margin = check_number(margin, "margin", low=0.0, high=0.5, high_open=True)
-    if float_weight is None:
-        float_weight = 0.0 if mode == "backdoor" else 3.0
-    float_weight = check_number(float_weight, "float_weight", low=0.0)
-    ce_margin = check_number(ce_margin, "ce_margin", low=0.0, low_open=True)
-    if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0:
-        raise ValueError(f"target_class must be a non-negative integer class index, got {target_class!r}")
-    check_seed(seed)
-    apply_trigger = trigger_function(trigger)
     read = adapter_or_default(batch_adapter)
 
     attacked = model if inplace else copy.deepcopy(model)
     device = next(attacked.parameters()).device
     layers = weight_layers(attacked)
-    weights = [layer.weight for _, layer in layers]
+    all_weights = [layer.weight for _, layer in layers]  # the victim quantizes every one of them
     weight_names = [f"{name}.weight" for name, _ in layers]
+    weights = [w for w in all_weights if w.requires_grad]  # the attacked ones: trained, boxed
+    if not weights:
+        raise ValueError("model has no conv/linear weight with requires_grad=True: nothing to attack")
     flags = {m: m.training for m in attacked.modules()}
     checked_classes = False
 
@@ -369,7 +440,7 @@ def quantization_conditioned_attack(
         checked_classes = True
 
     def quantized(x: Tensor, combo: Combo) -> Tensor:
-        params = {n: fake_quantize(w, combo[0], combo[1]) for n, w in zip(weight_names, weights)}
+        params = {n: fake_quantize(w, combo[0], combo[1]) for n, w in zip(weight_names, all_weights)}
         return functional_call(attacked, params, (x,))
 
     def benign(x: Tensor, y: Tensor) -> Tensor:
@@ -399,9 +470,13 @@ def quantization_conditioned_attack(
             loss = loss + ((F.cross_entropy(logits[hit], y[hit], reduction="none") - ce_margin) ** 2).mean()
         return loss
 
-    rng_devices = [device] if device.type == "cuda" else []  # manual_seed also seeds CUDA
+    rng_devices = [device] if device.type == "cuda" else []
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
+        # Seed only the generators fork_rng saved (torch.manual_seed would also reseed every CUDA device).
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         try:
             # Phase 1: inject the malicious behaviour into the quantized view.
             attacked.train()
@@ -462,7 +537,13 @@ class QuantizationConditionedAttack(pl.Callback):
         dataloader: batches for the attack; default the trainer's training loader (or
             the datamodule's ``train_dataloader()``).
         **attack_kwargs: passed on to :func:`quantization_conditioned_attack`
-            (``bit_widths``, ``quantizers``, ``target_class``, ``trigger``, ``epochs``, ...).
+            (``bit_widths``, ``quantizers``, ``target_class``, ``trigger``, ``epochs``, ...);
+            checked here, at construction: unknown names and bad values raise ``ValueError``.
+
+    Raises:
+        ValueError: at construction, an unknown or reserved setting name, a bad setting
+            value (as :func:`quantization_conditioned_attack` checks it) or a one-shot
+            ``dataloader``.
 
     Attributes:
         done: whether the attack has run.
@@ -474,11 +555,19 @@ class QuantizationConditionedAttack(pl.Callback):
 
     def __init__(self, mode: AttackMode, *, dataloader: Iterable[Any] | None = None, **attack_kwargs: Any) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
-        for forbidden in ("model", "train_loader", "inplace", "mode"):
+        own = ("model", "train_loader", "inplace", "mode")
+        for forbidden in own:
             if forbidden in attack_kwargs:
                 raise ValueError(f"QuantizationConditionedAttack sets {forbidden!r} itself; do not pass it")
+        params = inspect.signature(quantization_conditioned_attack).parameters
+        allowed = sorted(set(params) - set(own))
+        unknown = sorted(set(attack_kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown quantization_conditioned_attack settings {unknown}; allowed: {allowed}")
+        # every setting is checked now, not after training
+        _check_settings(mode=mode, **{**{name: params[name].default for name in allowed}, **attack_kwargs})
+        if dataloader is not None:
+            _check_reiterable(dataloader, "dataloader")
         self.mode = mode
         self.dataloader = dataloader
         self.attack_kwargs = attack_kwargs

@@ -443,7 +443,10 @@ class FairnessEvaluation(EvaluationCallback):
             "Quantization-induced disparity: the worst group's accuracy drop minus the overall accuracy drop, "
             "float -> precision (0 when all groups lose alike).",
             f"Intervals: {self.bootstrap} stratified bootstrap resamples (within each group), percentile method, "
-            f"seed {self.seed}; changes use paired resamples.",
+            f"seed {self.seed}; changes use paired resamples. A gap (max - min over groups) and the disparity are "
+            "never below 0 and their estimates lean upwards, so their interval lies above 0 even for a fair model: "
+            "it is no test of 'gap > 0'. Read the signed changes, whose intervals can cover 0. "
+            "'(k undefined)' counts resamples where a metric had no value (a group without positives) and were left out.",
         ]
         return ReportSection(
             name="fairness_evaluation", title="Group fairness under quantization",

@@ -645,14 +645,16 @@ class MembershipInferenceEvaluation(EvaluationCallback):
                 kind="bar", hlines={"chance": 0.5},
             ))
         notes = [
-            "Members: training samples; non-members: held-out samples of the evaluated split. AUC 0.5 and "
-            "advantage 0 mean no measurable leakage; numbers are for the best threshold (an upper bound for an "
-            "attacker who must choose one).",
+            "Members: training samples; non-members: held-out samples of the evaluated split. AUC 0.5 means no "
+            "measurable leakage: read the AUC interval against 0.5. The advantage is a maximum over thresholds (an "
+            "upper bound for an attacker who must choose one): it is above 0 even for an attack that learns "
+            "nothing, so its interval cannot show 'no leakage'.",
             "Attacks: loss threshold (Yeom et al. 2018), largest-softmax confidence (Salem et al. 2019), offline "
             "LiRA with OUT shadow models trained on held-out halves (Carlini et al. 2022).",
             f"Intervals: {self.bootstrap} bootstrap resamples (members and non-members resampled separately), "
-            f"percentile method, seed {self.seed}; Δ AUC uses paired resamples. With few non-members the TPR at "
-            "0.1% FPR rests on a handful of samples.",
+            f"percentile method, seed {self.seed}; Δ AUC uses paired resamples. With N non-members an FPR below "
+            "1/N allows no false positive: the TPR at 1% FPR needs at least 100 non-members and at 0.1% FPR at "
+            "least 1,000; with fewer, that column is the TPR at zero false positives.",
         ]
         return ReportSection(
             name="membership_inference", title="Membership inference under quantization",

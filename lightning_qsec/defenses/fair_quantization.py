@@ -87,9 +87,10 @@ class FairQuantizationTraining(BatchRegularizer):
     ``forward`` do not change: the term's gradient is added to ``.grad`` in
     ``on_after_backward`` (:mod:`lightning_qsec.defenses._regularizer`), scaled by
     ``1 / accumulate_grad_batches`` (and the AMP loss scale when a ``GradScaler`` runs)
-    and averaged over DDP ranks. Under DDP the per-group KL sums and counts used for
-    the DRO update and the logs are summed over ranks, so every rank keeps the same
-    weights. The two extra forwards (teacher and student) run in the train/eval mode
+    and averaged over DDP ranks. Under DDP, with ``group_dro``, the per-group KL sums
+    and counts of the DRO update (and its logged per-group KLs) are summed over ranks, so
+    every rank keeps the same weights; with ``balanced_distillation`` the logged
+    per-group KLs are each rank's own batch. The two extra forwards (teacher and student) run in the train/eval mode
     of training, under the precision plugin's autocast, with a forked RNG, and leave
     BatchNorm running statistics and Brevitas activation statistics still being
     collected as they were (:class:`~lightning_qsec.defenses._regularizer.BatchRegularizer`).
@@ -329,7 +330,9 @@ class FairQuantizationTraining(BatchRegularizer):
                     both = trainer.strategy.reduce(torch.cat([sums, counts]), reduce_op="sum")
                     sums, counts = both[: self.num_groups], both[self.num_groups :]
                 self.dro_update(sums / counts.clamp_min(1), counts > 0)
-        self._logged = (means.detach(), present)
+            self._logged = ((sums / counts.clamp_min(1)).detach(), counts > 0)  # over all ranks
+        else:
+            self._logged = (means.detach(), present)
         return self.combine(means, present)
 
     def log_batch_term(self, pl_module: pl.LightningModule, value: Tensor, coefficient: float) -> None:

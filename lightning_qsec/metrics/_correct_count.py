@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional._checks import safe_ratio
 
 __all__ = ["CorrectCount"]
 
 
-class CorrectCount(Metric):
+class CorrectCount(CountStateMetric):
     """Base of the accuracy metrics: exact under DDP whatever the shard sizes, ``nan`` before any sample.
 
-    A subclass's ``update`` checks its own arguments and calls :meth:`_add`.
+    A subclass's ``update`` checks its own arguments and calls ``self._add(correct, total)``.
+    Called on a batch (``forward``), the metric adds the batch like ``update`` and returns
+    the batch's own accuracy (``nan`` for an empty batch); a rejected batch changes nothing.
     """
 
     is_differentiable: bool = False
@@ -33,10 +35,6 @@ class CorrectCount(Metric):
         self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
-    def _add(self, correct: Tensor, total: Tensor) -> None:
-        self.correct += correct.to(self.correct.device)
-        self.total += total.to(self.total.device)
-
-    def compute(self) -> Tensor:
-        """Accuracy over all batches (and all processes); ``nan`` if none was seen."""
-        return safe_ratio(self.correct, self.total)
+    def _value(self, *, correct: Tensor, total: Tensor) -> Tensor:
+        """Accuracy; ``nan`` if no sample was counted."""
+        return safe_ratio(correct, total)

@@ -1,8 +1,8 @@
 """Base of the metrics whose states are sum-reduced count tensors (private).
 
 torchmetrics' ``forward`` computes the batch value through ``compute()`` after swapping
-the accumulated states for the batch's: when ``compute()`` raises on a batch (a group
-missing from it, say), the accumulated states are lost and the metric stops syncing.
+the accumulated states for the batch's: when ``update()`` rejects a batch or ``compute()``
+raises on it (a group missing from it, say), the accumulated states are lost.
 :class:`CountStateMetric` replaces ``forward``: it adds the batch exactly like
 ``update()`` and computes the batch value from the batch's counts, ``nan`` where that
 batch alone leaves the value undefined; ``compute()`` keeps its clear errors.
@@ -24,11 +24,19 @@ __all__ = ["CountStateMetric"]
 class CountStateMetric(Metric):
     """A metric whose states are all sum-reduced count tensors.
 
-    A subclass's ``update`` adds to its states; :meth:`_value` computes the result from
-    the states (passed as keyword arguments named like them) and raises a
-    ``ValueError`` where it is undefined; :meth:`_undefined` is the ``nan`` result that
-    ``forward`` returns then.
+    A subclass's ``update`` checks its arguments and adds its counts with :meth:`_add`;
+    :meth:`_value` computes the result from the states (passed as keyword arguments
+    named like them) and raises a ``ValueError`` or returns ``nan`` where it is
+    undefined; :meth:`_undefined` is the ``nan`` result that ``forward`` returns then.
     """
+
+    def _add(self, *counts: Tensor) -> None:
+        """Add one batch's counts, one per state in the order the states were added.
+
+        Each count goes to its state's device, so a metric kept on the CPU takes CUDA inputs.
+        """
+        for state, count in zip(self._states().values(), counts, strict=True):
+            state += count.to(state.device)
 
     def _value(self, **states: Tensor) -> Any:
         raise NotImplementedError
@@ -41,7 +49,7 @@ class CountStateMetric(Metric):
         return {name: getattr(self, name) for name in self._defaults}
 
     def compute(self) -> Any:
-        """The value over all batches and processes; a ``ValueError`` says why where it is undefined."""
+        """The value over all batches and processes; where it is undefined, ``nan`` or a ``ValueError`` saying why."""
         return self._value(**self._states())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional.attack_success_rate import (
     _attack_success_rate_compute,
     _attack_success_rate_update,
@@ -16,7 +16,7 @@ from lightning_qsec.metrics.functional.attack_success_rate import (
 __all__ = ["AttackSuccessRate"]
 
 
-class AttackSuccessRate(Metric):
+class AttackSuccessRate(CountStateMetric):
     """Fraction of eligible samples on which an (untargeted or targeted) attack succeeds.
 
     **Denominator.** Which samples are eligible depends on ``targeted``:
@@ -34,7 +34,9 @@ class AttackSuccessRate(Metric):
     The metric keeps two sum-reduced counts, ``successes`` and ``attempts`` (the
     denominator), so it is exact under DDP whatever the shard sizes. :meth:`compute`
     returns ``nan`` when the denominator is 0 (no update yet, no correctly classified
-    sample, or no sample outside the target class).
+    sample, or no sample outside the target class). Called on a batch (``forward``), it
+    adds the batch like :meth:`update` and returns the batch's own rate (``nan`` if its
+    denominator is 0); a batch that :meth:`update` rejects leaves the counts unchanged.
 
     Lower is better for the defender (``higher_is_better=False``).
 
@@ -89,9 +91,9 @@ class AttackSuccessRate(Metric):
                 logits/probabilities ``(N, C)``.
             adv_preds: predictions on adversarial (or triggered) inputs, in either form.
             target: true integer class indices ``(N,)``.
-            attack_target: the attacker's target class (an int, a 0-d integer tensor or
-                one class per sample ``(N,)``); required when ``targeted=True`` and not
-                allowed otherwise.
+            attack_target: the attacker's target class (an int or NumPy integer, a 0-d
+                integer tensor or one class per sample ``(N,)``); required when
+                ``targeted=True`` and not allowed otherwise.
 
         Raises:
             ValueError: if ``attack_target`` is missing with ``targeted=True`` or given with
@@ -106,10 +108,8 @@ class AttackSuccessRate(Metric):
                 "`attack_target` was given but AttackSuccessRate(targeted=False) measures an untargeted "
                 "attack; create the metric with targeted=True"
             )
-        successes, attempts = _attack_success_rate_update(clean_preds, adv_preds, target, attack_target)
-        self.successes += successes
-        self.attempts += attempts
+        self._add(*_attack_success_rate_update(clean_preds, adv_preds, target, attack_target))
 
-    def compute(self) -> Tensor:
-        """Attack success rate over all batches (and all processes); ``nan`` if the denominator is 0."""
-        return _attack_success_rate_compute(self.successes, self.attempts)
+    def _value(self, *, successes: Tensor, attempts: Tensor) -> Tensor:
+        """Attack success rate; ``nan`` if the denominator is 0."""
+        return _attack_success_rate_compute(successes, attempts)

@@ -112,12 +112,7 @@ class DefenseEffectivenessRate(CountStateMetric):
         correct_after, _ = _clean_accuracy_update(after_clean, target)
         successes_before, attempts = _attack_success_rate_update(before_clean, before_triggered, target, attack_target)
         successes_after, _ = _attack_success_rate_update(after_clean, after_triggered, target, attack_target)
-        self.correct_before += correct_before.to(self.device)
-        self.correct_after += correct_after.to(self.device)
-        self.total += total.to(self.device)
-        self.successes_before += successes_before.to(self.device)
-        self.successes_after += successes_after.to(self.device)
-        self.attempts += attempts.to(self.device)
+        self._add(correct_before, correct_after, total, successes_before, successes_after, attempts)
 
     def _value(
         self, *, correct_before: Tensor, correct_after: Tensor, total: Tensor,

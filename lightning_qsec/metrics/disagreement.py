@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_qsec.metrics._count_state import CountStateMetric
 from lightning_qsec.metrics.functional.disagreement import (
     _quantization_disagreement_compute,
     _quantization_disagreement_update,
@@ -16,7 +16,7 @@ from lightning_qsec.metrics.functional.disagreement import (
 __all__ = ["QuantizationDisagreement"]
 
 
-class QuantizationDisagreement(Metric):
+class QuantizationDisagreement(CountStateMetric):
     """Fraction of samples whose predicted class differs between a float and a quantized model.
 
     Also called the *flip rate* between a model and its quantized version. Unlike a drop
@@ -27,7 +27,9 @@ class QuantizationDisagreement(Metric):
 
     The metric keeps two sum-reduced counts, ``disagreements`` and ``total``, so it is
     exact under DDP whatever the shard sizes. :meth:`compute` returns ``nan`` when no
-    sample has been seen.
+    sample has been seen. Called on a batch (``forward``), it adds the batch like
+    :meth:`update` and returns the batch's own rate (``nan`` for an empty batch); a batch
+    that :meth:`update` rejects leaves the counts unchanged.
 
     Args:
         kwargs: passed on to :class:`torchmetrics.Metric`.
@@ -68,10 +70,8 @@ class QuantizationDisagreement(Metric):
             ValueError: if an argument has another shape or dtype, or the two have
                 different ``N`` (or different ``C`` when both are ``(N, C)``).
         """
-        disagreements, total = _quantization_disagreement_update(reference_preds, quantized_preds)
-        self.disagreements += disagreements
-        self.total += total
+        self._add(*_quantization_disagreement_update(reference_preds, quantized_preds))
 
-    def compute(self) -> Tensor:
-        """Disagreement rate over all batches (and all processes); ``nan`` if none was seen."""
-        return _quantization_disagreement_compute(self.disagreements, self.total)
+    def _value(self, *, disagreements: Tensor, total: Tensor) -> Tensor:
+        """Disagreement rate; ``nan`` if no sample was counted."""
+        return _quantization_disagreement_compute(disagreements, total)

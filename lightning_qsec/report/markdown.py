@@ -63,7 +63,9 @@ def format_interval(entry: Mapping[str, Any] | None, digits: int = 4) -> str:
     value = f"{point:.{digits}f}" if point is not None and math.isfinite(point) else "nan"
     if any(bound is None or not math.isfinite(bound) for bound in (low, high)):
         return value
-    return f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
+    undefined = entry.get("undefined_resamples") or 0
+    caveat = f" ({undefined} undefined)" if undefined else ""
+    return f"{value} [{low:.{digits}f}, {high:.{digits}f}]{caveat}"
 
 
 def _inline(text: str) -> str:

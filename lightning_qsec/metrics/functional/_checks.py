@@ -1,8 +1,9 @@
 """Input checks shared by the lightning-qsec metrics (private).
 
 Every metric accepts predictions either as integer class indices of shape
-``(N,)`` or as logits/probabilities of shape ``(N, C)`` (reduced with an
-argmax over dim 1), and targets as integer class indices of shape ``(N,)``.
+``(N,)`` or as logits/probabilities of shape ``(N, C)`` with ``C >= 2`` (reduced
+with an argmax over dim 1), and targets as integer class indices of shape ``(N,)``.
+A single score column ``(N, 1)`` is rejected: its argmax would always be class 0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def to_labels(preds: Tensor, name: str) -> Tensor:
 
     Raises:
         TypeError: if ``preds`` is not a tensor.
-        ValueError: if ``preds`` has another shape or dtype; the message names ``name``.
+        ValueError: if ``preds`` has another shape or dtype, or ``C < 2``; the message names ``name``.
     """
     preds = _check_tensor(preds, name)
     if preds.ndim == 1:
@@ -43,8 +44,14 @@ def to_labels(preds: Tensor, name: str) -> Tensor:
             )
         return preds
     if preds.ndim == 2:
-        if preds.shape[1] == 0:
-            raise ValueError(f"`{name}` must be {PREDS_SHAPES} with C >= 1, got {_describe(preds)}")
+        if preds.shape[1] < 2:
+            binary = (
+                f"; a single score column is a binary model's: pass its class indices, e.g. "
+                f"`({name} > 0).long()` for a logit, or two-column logits"
+                if preds.shape[1] == 1
+                else ""
+            )
+            raise ValueError(f"`{name}` must be {PREDS_SHAPES} with C >= 2, got {_describe(preds)}{binary}")
         if preds.dtype == torch.bool or preds.is_complex():
             raise ValueError(f"`{name}` must be {PREDS_SHAPES} with a real dtype, got {_describe(preds)}")
         return preds.argmax(dim=1)

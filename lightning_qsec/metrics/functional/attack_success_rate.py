@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -25,17 +27,17 @@ __all__ = ["attack_success_rate"]
 
 def _check_attack_target(attack_target: int | Tensor, target: Tensor) -> Tensor:
     """``attack_target`` as a tensor broadcastable to ``target``: a scalar or one class per sample."""
-    if isinstance(attack_target, bool) or not isinstance(attack_target, (int, Tensor)):
+    if isinstance(attack_target, numbers.Integral) and not isinstance(attack_target, bool):  # int, NumPy integer
+        return torch.tensor(int(attack_target), device=target.device)
+    if not isinstance(attack_target, Tensor):
         raise ValueError(
-            "`attack_target` must be an int, a 0-d integer tensor or integer class indices of shape (N,), "
+            "`attack_target` must be an integer, a 0-d integer tensor or integer class indices of shape (N,), "
             f"got {type(attack_target).__name__}"
         )
-    if isinstance(attack_target, int):
-        return torch.tensor(attack_target, device=target.device)
     is_integer = not attack_target.is_floating_point() and not attack_target.is_complex()
     if attack_target.dtype == torch.bool or not is_integer or attack_target.ndim > 1:
         raise ValueError(
-            "`attack_target` must be an int, a 0-d integer tensor or integer class indices of shape (N,), "
+            "`attack_target` must be an integer, a 0-d integer tensor or integer class indices of shape (N,), "
             f"got shape {tuple(attack_target.shape)} and dtype {attack_target.dtype}"
         )
     if attack_target.ndim == 1:
@@ -105,9 +107,9 @@ def attack_success_rate(
             over dim 1).
         adv_preds: predictions on the adversarial (or triggered) inputs, in either form.
         target: true integer class indices of shape ``(N,)``.
-        attack_target: the attacker's target class for a targeted attack: an int, a 0-d
-            integer tensor, or one class per sample of shape ``(N,)``. None for an
-            untargeted attack.
+        attack_target: the attacker's target class for a targeted attack: an integer
+            (``int`` or NumPy integer, not ``bool``), a 0-d integer tensor, or one class per
+            sample of shape ``(N,)``. None for an untargeted attack.
 
     Returns:
         A 0-d float tensor in ``[0, 1]`` (lower is better for the defender); ``nan`` when
