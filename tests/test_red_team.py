@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -322,3 +323,103 @@ def test_attack_rejects_quantized_models_empty_loaders_and_models_without_layers
         quantization_conditioned_attack(nn.Sequential(nn.Flatten(), nn.ReLU()), data, mode="backdoor")
     with pytest.raises(ValueError, match="Cannot read batch"):
         quantization_conditioned_attack(net, [torch.rand(4, 1, 8, 8)], mode="indiscriminate")
+
+
+# -- regression tests ------------------------------------------------------------------------
+def test_patch_trigger_refuses_tabular_inputs():
+    x, y = torch.rand(6, 10), torch.arange(6) % 3
+    with pytest.raises(ValueError, match="tabular"):
+        add_trigger(x)
+    with pytest.raises(ValueError, match="tabular"):
+        poison_dataset((x, y), poison_rate=0.5, target_class=0, size=1)
+    with pytest.raises(ValueError, match="data must hold floating-point"):
+        poison_dataset((torch.zeros(6, 1, 8, 8, dtype=torch.uint8), y), poison_rate=0.5, target_class=0)
+    net = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="tabular"):
+        quantization_conditioned_attack(net, [(x, y)], mode="backdoor", epochs=1, repair_epochs=0)
+    # a callable trigger works on tabular data
+    quantization_conditioned_attack(
+        net, [(x, y)], mode="backdoor", trigger=lambda t: t + 1.0, epochs=1, repair_epochs=0
+    )
+
+
+def test_poisoned_datamodule_carries_extra_tensors_through():
+    from lightning_qsec.data._tensor_datamodule import TensorDataModule
+
+    class Grouped(TensorDataModule):
+        def _build(self):
+            g = torch.Generator().manual_seed(0)
+
+            def make(n: int) -> TensorDataset:
+                return TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 2, torch.arange(n) % 3)
+
+            return make(40), make(10), make(10)
+
+    dm = PoisonedDataModule(Grouped(batch_size=8), poison_rate=0.25, target_class=1)
+    dm.setup()
+    wrapped = dm.datamodule
+    assert len(dm.train_dataset.tensors) == 3 and len(dm.triggered_test_dataset.tensors) == 3
+    assert torch.equal(dm.train_dataset.tensors[2], wrapped.train_dataset.tensors[2])
+    assert torch.equal(dm.triggered_test_dataset.tensors[2], wrapped.test_dataset.tensors[2])
+    assert torch.all(dm.train_dataset.tensors[0][dm.poison_indices][..., -2:, -2:] == 1.0)
+
+
+def _tiny_attack_setup():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    data = [(torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))) for _ in range(2)]
+    return net, data
+
+
+def test_attack_restores_the_cpu_rng_and_is_deterministic():
+    net, data = _tiny_attack_setup()
+    state = torch.get_rng_state()
+    first = quantization_conditioned_attack(net, data, mode="backdoor", epochs=1, repair_epochs=1, seed=3)
+    assert torch.equal(torch.get_rng_state(), state), "the global CPU RNG must be restored"
+    second = quantization_conditioned_attack(net, data, mode="backdoor", epochs=1, repair_epochs=1, seed=3)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(bit_widths=(1,)), "bit_widths"),
+        (dict(margin=0.7), "margin"),
+        (dict(target_class=-1), "target_class"),
+        (dict(bitwidths=(4,)), r"unknown .*\['bitwidths'\].*allowed: .*'bit_widths'"),
+        (dict(trigger=3), "trigger"),
+    ],
+)
+def test_callback_checks_its_settings_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationConditionedAttack(mode="backdoor", **kwargs)
+    with pytest.raises(ValueError, match="re-iterable"):
+        QuantizationConditionedAttack(mode="backdoor", dataloader=iter([]))
+
+
+@pytest.mark.parametrize("repair_epochs", [0, 1])
+def test_attack_leaves_frozen_weights_alone(repair_epochs):
+    net, data = _tiny_attack_setup()
+    net[1].weight.requires_grad_(False)
+    before = copy.deepcopy(net)
+    attacked = quantization_conditioned_attack(
+        net, data, mode="indiscriminate", epochs=1, repair_epochs=repair_epochs
+    )
+    assert torch.equal(attacked[1].weight, before[1].weight), "a frozen weight must not move"
+    assert not attacked[1].weight.requires_grad
+    assert not torch.equal(attacked[3].weight, before[3].weight), "the trainable weight is attacked"
+    with pytest.raises(ValueError, match="requires_grad"):
+        quantization_conditioned_attack(before.requires_grad_(False), data, mode="indiscriminate", epochs=1)
+
+
+def test_attack_refuses_one_shot_loaders_and_accepts_numpy_target_class():
+    net, data = _tiny_attack_setup()
+    with pytest.raises(ValueError, match="re-iterable"):
+        quantization_conditioned_attack(net, (b for b in data), mode="backdoor", epochs=2, repair_epochs=0)
+    with_np = quantization_conditioned_attack(net, data, mode="backdoor", target_class=np.int64(3), epochs=1,
+                                              repair_epochs=0)
+    with_int = quantization_conditioned_attack(net, data, mode="backdoor", target_class=3, epochs=1, repair_epochs=0)
+    assert torch.equal(with_np[3].weight, with_int[3].weight)
+    with pytest.raises(ValueError, match="target_class"):
+        quantization_conditioned_attack(net, data, mode="backdoor", target_class=np.int64(4), epochs=1)
