@@ -20,8 +20,13 @@ import torch.multiprocessing as mp
 from torchmetrics import Metric
 
 import lightning_qsec.metrics as metrics_pkg
-from lightning_qsec.metrics import AttackSuccessRate, QuantizationDisagreement, RobustAccuracy
-from lightning_qsec.metrics.functional import attack_success_rate, quantization_disagreement, robust_accuracy
+from lightning_qsec.metrics import AttackSuccessRate, CleanAccuracy, QuantizationDisagreement, RobustAccuracy
+from lightning_qsec.metrics.functional import (
+    attack_success_rate,
+    clean_accuracy,
+    quantization_disagreement,
+    robust_accuracy,
+)
 
 NUM_CLASSES = 5
 SEEDS = [0, 1, 2, 3]
@@ -208,7 +213,7 @@ def test_preds_shape_errors_name_the_argument() -> None:
         quantization_disagreement(good, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match=r"`adv_preds`.*\(N,\).*\(N, C\)"):
         robust_accuracy(torch.tensor(1), torch.tensor([1]))
-    with pytest.raises(ValueError, match=r"`clean_preds`.*C >= 1"):
+    with pytest.raises(ValueError, match=r"`clean_preds`.*C >= 2"):
         attack_success_rate(torch.zeros(3, 0), good, good)
     with pytest.raises(ValueError, match=r"`adv_preds`"):
         attack_success_rate(good, torch.tensor([True, False, True]), good)
@@ -262,6 +267,106 @@ def test_metric_attributes() -> None:
         assert cls.higher_is_better is better
         assert cls.full_state_update is False
     assert {"AttackSuccessRate", "QuantizationDisagreement", "RobustAccuracy"} <= set(metrics_pkg.__all__)
+
+
+def test_single_score_column_is_rejected() -> None:
+    # A binary model with one logit: argmax over one column would always say class 0.
+    logits = torch.tensor([[3.0], [-2.0], [4.0], [-1.0]])
+    y = torch.tensor([1, 0, 1, 0])
+    hint = r"C >= 2.*shape \(4, 1\).*single score column.*`\({} > 0\)\.long\(\)`.*two-column logits"
+    calls = {
+        "adv_preds": [lambda: robust_accuracy(logits, y), lambda: RobustAccuracy().update(logits, y)],
+        "preds": [lambda: clean_accuracy(logits, y), lambda: CleanAccuracy().update(logits, y)],
+        "reference_preds": [
+            lambda: quantization_disagreement(logits, -logits),
+            lambda: QuantizationDisagreement().update(logits, -logits),
+        ],
+        "clean_preds": [
+            lambda: attack_success_rate(logits, -logits, y),
+            lambda: AttackSuccessRate().update(logits, -logits, y),
+        ],
+    }
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(ValueError, match=rf"`{name}`.*" + hint.format(name)):
+                fn()
+    # The labels the message suggests give the right values.
+    labels_ = (logits[:, 0] > 0).long()
+    assert_close(robust_accuracy(labels_, y), 1.0)
+    assert_close(quantization_disagreement(labels_, (-logits[:, 0] > 0).long()), 1.0)
+    assert_close(robust_accuracy(torch.cat([-logits, logits], dim=1), y), 1.0)  # two columns
+    no_hint = r"C >= 2, got shape \(3, 0\) and dtype torch.float32$"  # no binary hint when C = 0
+    with pytest.raises(ValueError, match=no_hint):
+        robust_accuracy(torch.zeros(3, 0), torch.tensor([0, 1, 2]))
+
+
+STATEFUL_CASES = {
+    # metric factory, args of one batch, functional twin on that batch
+    "robust_accuracy": (RobustAccuracy, lambda d, s: (d["adv"][s], d["target"][s]), robust_accuracy),
+    "clean_accuracy": (CleanAccuracy, lambda d, s: (d["clean"][s], d["target"][s]), clean_accuracy),
+    "disagreement": (QuantizationDisagreement, lambda d, s: (d["ref"][s], d["quant"][s]), quantization_disagreement),
+    "asr": (AttackSuccessRate, lambda d, s: (d["clean"][s], d["adv"][s], d["target"][s]), attack_success_rate),
+}
+
+
+@pytest.mark.parametrize("name", list(STATEFUL_CASES))
+def test_rejected_forward_batch_keeps_the_counts(name: str) -> None:
+    cls, args, functional = STATEFUL_CASES[name]
+    d = make_data(5)
+    bad = (torch.tensor([0.5, 1.0]), *(a[:2] for a in args(d, slice(0, 2))[1:]))  # float 1-D preds: rejected
+    metric = cls(compute_on_cpu=True)
+    first = metric(*args(d, slice(0, 90)))
+    assert torch.equal(first, functional(*args(d, slice(0, 90))))
+    counts = {k: v.clone() for k, v in metric.metric_state.items()}
+    assert all(v.item() > 0 for v in counts.values())
+    with pytest.raises(ValueError, match="integer dtype"):
+        metric(*bad)
+    assert {k: v.item() for k, v in metric.metric_state.items()} == {k: v.item() for k, v in counts.items()}
+    assert metric.compute_on_cpu is True
+    second = metric(*args(d, slice(90, 200)))
+    assert torch.equal(second, functional(*args(d, slice(90, 200))))
+    assert torch.equal(metric.compute(), functional(*args(d, slice(0, 200))))
+    assert not torch.equal(first, second)  # the batch values are the batches' own
+    assert torch.isnan(metric(*args(d, slice(0, 0))))  # an empty batch: nan, counts unchanged
+    assert torch.equal(metric.compute(), functional(*args(d, slice(0, 200))))
+
+
+def test_forward_batch_without_attempts_is_nan_and_accumulates() -> None:
+    target = torch.tensor([0, 1, 2])
+    metric = AttackSuccessRate()
+    assert torch.isnan(metric(torch.tensor([1, 2, 0]), target, target))  # nothing correct on clean input
+    assert_close(metric(target, torch.tensor([1, 1, 0]), target), 2 / 3)
+    assert (metric.successes.item(), metric.attempts.item()) == (2, 3)
+    assert_close(metric.compute(), 2 / 3)
+
+
+def test_attack_target_accepts_numpy_integers() -> None:
+    d = make_data(3)
+    clean, adv, target = d["clean"], d["adv"], d["target"]
+    expected = ref_asr(labels(clean), labels(adv), target.numpy(), 2)
+    assert 0 < expected < 1
+    for goal in (np.int64(2), np.int32(2), np.uint8(2)):
+        assert_close(attack_success_rate(clean, adv, target, attack_target=goal), expected)  # type: ignore[arg-type]
+        metric = AttackSuccessRate(targeted=True)
+        metric.update(clean, adv, target, attack_target=goal)  # type: ignore[arg-type]
+        assert_close(metric.compute(), expected)
+    for bad in (np.bool_(True), np.float64(2.0)):
+        with pytest.raises(ValueError, match=r"`attack_target` must be an integer"):
+            attack_success_rate(clean, adv, target, attack_target=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(STATEFUL_CASES))
+def test_cpu_metric_takes_cuda_predictions(name: str) -> None:
+    cls, args, functional = STATEFUL_CASES[name]
+    d = make_data(6)
+    cuda = {k: v.cuda() for k, v in d.items()}
+    metric = cls()  # states stay on the CPU
+    batch_value = metric(*args(cuda, slice(0, 120)))
+    metric.update(*args(cuda, slice(120, 200)))
+    assert all(v.device.type == "cpu" for v in metric.metric_state.values())
+    assert batch_value.item() == pytest.approx(functional(*args(d, slice(0, 120))).item(), nan_ok=True)
+    assert torch.equal(metric.compute(), functional(*args(d, slice(0, 200))))
 
 
 # --------------------------------------------------------------------------- empty denominators
