@@ -148,3 +148,18 @@ def test_evaluation_hook_warns_when_fit_is_shorter_than_its_interval():
     with pytest.warns(UserWarning, match=r"every_n_epochs=5\) will not measure during this fit \(max_epochs=1\)"):
         trainer.fit(UserCNN(), datamodule=DigitsDataModule())
     assert sweep.results == {}
+
+
+def test_quant_config_flags_and_precision_lists_are_checked():
+    from lightning_qsec.quant.spec import parse_precisions
+
+    with pytest.raises(ValueError, match="per_channel must be True or False"):
+        quantize_model(_net(), per_channel="false")
+    with pytest.raises(ValueError, match="skip must be a sequence"):
+        quantize_model(_net(), skip=None)
+    with pytest.raises(ValueError, match="layer_bit_widths must be a mapping"):
+        quantize_model(_net(), layer_bit_widths="ab")
+    for bad in (None, {8}):
+        with pytest.raises(ValueError, match="bit_widths must be a precision or a sequence"):
+            parse_precisions(bad)
+    assert [p.label for p in parse_precisions(8.0)] == ["w8a8"]

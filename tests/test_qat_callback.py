@@ -186,3 +186,32 @@ def test_calibration_before_qat_of_a_batchnorm_network_helps():
         accuracies[batches] = _test_acc(module)
     assert accuracies[4] > 0.7, accuracies
     assert accuracies[4] >= accuracies[0] - 0.05, accuracies
+
+
+def test_checkpoint_loads_into_the_inner_net_with_globs_and_without_callback_state(tmp_path):
+    from lightning_qsec import QuantConfig
+    from lightning_qsec.models import ClassificationModule, DigitsCNN
+
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(DigitsCNN())
+    qat = QuantizationAwareTraining(8, 8, layer_bit_widths={"net.features.*": 4}, calibrate_batches=2)
+    trainer = _fit(module, [qat], epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    x = torch.rand(8, 1, 8, 8)
+    module.eval()
+    with torch.no_grad():
+        expected = module(x)
+    inner = load_quantized_checkpoint(DigitsCNN(), tmp_path / "qat.ckpt", prefix="net.")  # globs made the net's
+    with torch.no_grad():
+        assert torch.allclose(inner(x), expected, atol=1e-6)
+    weights = {name.split(".weight_quant")[0]: bits for name, bits in bit_widths(inner)["weight"].items()}
+    assert weights["features.0"] == 4 and weights["classifier.1"] == 8
+    with pytest.raises(ValueError, match="save_weights_only=True"):
+        load_quantized_checkpoint(ClassificationModule(DigitsCNN()), tmp_path / "weights.ckpt")
+    again = load_quantized_checkpoint(ClassificationModule(DigitsCNN()), tmp_path / "weights.ckpt",
+                                      config=QuantConfig(8, 8, layer_bit_widths={"net.features.*": 4}))
+    with torch.no_grad():
+        assert torch.allclose(again(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="model is already quantized"):
+        load_quantized_checkpoint(inner, tmp_path / "qat.ckpt", prefix="net.")

@@ -154,7 +154,7 @@ def test_report_has_section_and_plot(clean_run):
     section = report["sections"]["robustness_evaluation"]
     assert section["latest"]["test"]["precisions"]["w4a4"]["attacks"]["pgd"]["0.3"]["robust_accuracy"] < 0.1
     md = (tmp / "report.md").read_text()
-    assert "Adversarial robustness" in md and "robust accuracy" in md and "No sign of gradient masking" in md
+    assert "Adversarial robustness" in md and "robust accuracy" in md and "No gradient-masking flag" in md
     assert "DIVA success" in md and "error amplification ratio" in md
     png = tmp / "robust_accuracy_vs_eps.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
@@ -366,3 +366,32 @@ def test_ptq_twin_does_not_change_the_training_order():
         trainer.fit(UserCNN(), DataLoader(train, batch_size=16, shuffle=True), DataLoader(train, batch_size=16))
         orders.append(torch.cat(labels.seen))
     assert torch.equal(orders[0], orders[1])
+
+
+def test_cheap_and_strong_hooks_share_a_trainer_and_eps_takes_arrays():
+    import numpy as np
+
+    fast = RobustnessEvaluation(np.linspace(0, 0.3, 4), max_samples=32, steps=2, bit_widths=[4], stages=("validate",))
+    strong = RobustnessEvaluation(torch.tensor([0.0, 0.1, 0.3]), max_samples=64, steps=5, bit_widths=[4],
+                                  stages=("test",))
+    assert fast.eps == pytest.approx([0.0, 0.1, 0.2, 0.3]) and strong.eps == pytest.approx([0.0, 0.1, 0.3])
+    assert fast.state_key != strong.state_key
+    quiet_trainer(callbacks=[QuantizationAwareTraining(4, 4), fast, strong])  # Lightning refuses equal keys
+    with pytest.raises(ValueError, match="eps entries must be finite numbers >= 0"):
+        RobustnessEvaluation([np.float32(0.1), float("nan")])
+
+
+def test_hooks_that_would_log_the_same_keys_are_refused_and_l2_logs_apart():
+    linf = RobustnessEvaluation([0.0, 0.1], attacks=("pgd",), bit_widths=[8], max_samples=16, steps=1)
+    l2 = RobustnessEvaluation([0.0, 0.5], attacks=("pgd",), bit_widths=[8], max_samples=16, steps=1, norm="l2")
+    assert (linf.log_prefix, l2.log_prefix) == ("qsec/robust", "qsec/robust/l2")
+    twin = RobustnessEvaluation([0.0, 0.2], attacks=("pgd",), bit_widths=[8], max_samples=16, steps=2)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                            callbacks=[QuantizationAwareTraining(8, 8, calibrate_batches=1), linf, twin])
+    with pytest.raises(ValueError, match="would log the same qsec/robust/... keys"):
+        trainer.fit(UserCNN(), datamodule=DigitsDataModule())
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                            callbacks=[QuantizationAwareTraining(8, 8, calibrate_batches=1), linf, l2])
+    trainer.fit(UserCNN(), datamodule=DigitsDataModule())
+    assert "qsec/robust/l2/w8a8/pgd/eps=0.5/acc" in trainer.callback_metrics
+    assert "qsec/robust/w8a8/pgd/eps=0.1/acc" in trainer.callback_metrics

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -386,6 +387,12 @@ class MembershipInferenceEvaluation(EvaluationCallback):
         with _keep_rng(pl_module.device):  # building a PTQ twin and iterating loaders draw random numbers
             members = self._member_loader(trainer, pl_module)
             self._check_disjoint(trainer, members[0], stage)
+            if trainer.limit_train_batches not in (None, 1.0) or trainer.max_steps not in (None, -1):
+                rank_zero_warn(
+                    "MembershipInferenceEvaluation takes its members from the training dataloader, but this "
+                    "trainer limits training (limit_train_batches or max_steps): some members may never have "
+                    "been trained on, which pulls the AUC toward 0.5 and understates leakage"
+                )
             self._members = members
             self._target, self._is_twin = quantized_target(
                 trainer, pl_module, calibrate_batches=self.calibrate_batches, batch_adapter=self._batch_adapter

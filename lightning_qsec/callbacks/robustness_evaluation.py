@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, get_args
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -58,13 +60,15 @@ def _eps_key(eps: float) -> str:
 
 
 def _check_eps_values(eps: Any, norm: Norm, clip_min: float, clip_max: float) -> list[float]:
-    values = [eps] if isinstance(eps, (int, float)) else eps
+    if isinstance(eps, (np.ndarray, torch.Tensor)):  # e.g. np.linspace(0, 0.3, 4)
+        eps = eps.tolist()
+    values = [eps] if isinstance(eps, (numbers.Real, float)) and not isinstance(eps, bool) else eps
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise ValueError(f"eps must be a number or a sequence of numbers, got {eps!r}")
     out: list[float] = []
     width = clip_max - clip_min
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             raise ValueError(f"eps entries must be finite numbers >= 0, got {value!r} in eps={eps!r}")
         if norm == "linf" and value > width:
             raise ValueError(
@@ -125,8 +129,9 @@ class RobustnessEvaluation(EvaluationCallback):
       right and the quantized one turns wrong);
     * ``amplification``: the error-amplification ratio of Defensive Quantization
       (:func:`~lightning_qsec.quant.amplification.error_amplification_ratio`, one
-      gradient step of size ``transfer_eps`` on each model: FGSM for ``norm="linf"``,
-      the L2 fast gradient method for ``"l2"``), quantized over float;
+      gradient step of size ``transfer_eps`` on each model, towards the true labels
+      (``targets=y``): FGSM for ``norm="linf"``, the L2 fast gradient method for
+      ``"l2"``), quantized over float;
     * the fraction of samples whose loss has a zero input gradient, and the gradient
       masking flags of :func:`~lightning_qsec.callbacks._masking.gradient_masking_flags`.
 
@@ -137,7 +142,8 @@ class RobustnessEvaluation(EvaluationCallback):
     generator seeded with ``seed``: results are deterministic. All numbers are
     torchmetrics sum-reduced states, exact across DDP ranks.
 
-    Logged under ``qsec/robust/<precision>/``: ``<attack>/eps=<e>/acc`` and ``/asr``,
+    Logged under ``qsec/robust/<precision>/`` (``qsec/robust/l2/<precision>/`` with
+    ``norm="l2"``): ``<attack>/eps=<e>/acc`` and ``/asr``,
     ``clean_acc``, ``transfer/float_to_quant/{acc,rate}``,
     ``transfer/quant_to_float/{acc,rate}``, ``diva/success``, ``amplification``,
     ``zero_grad``, ``masking_flags`` (their count). Kept in :attr:`results` (latest per
@@ -236,9 +242,30 @@ class RobustnessEvaluation(EvaluationCallback):
 
     @property
     def state_key(self) -> str:
+        # every setting that changes the numbers: a cheap hook at validation and a strong one at test coexist
         return self._generate_state_key(
-            eps=self.eps, attacks=self.attacks, bit_widths=[p.label for p in self.precisions], norm=self.norm
-        )
+            eps=self.eps, attacks=self.attacks, bit_widths=[p.label for p in self.precisions], norm=self.norm,
+            stages=self.stages, steps=self.steps, max_samples=self.max_samples, seed=self.seed,
+        )  # fmt: skip
+
+    @property
+    def log_prefix(self) -> str:
+        """``qsec/robust`` (``qsec/robust/l2`` for ``norm="l2"``), so an L-infinity and an L2 hook log apart."""
+        return "qsec/robust" if self.norm == "linf" else f"qsec/robust/{self.norm}"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        clash = [
+            cb for cb in trainer.callbacks
+            if isinstance(cb, RobustnessEvaluation) and cb is not self and cb.log_prefix == self.log_prefix
+            and set(cb.stages) & set(self.stages)
+        ]  # fmt: skip
+        if clash:
+            raise ValueError(
+                f"two RobustnessEvaluation hooks measure at {sorted(set(clash[0].stages) & set(self.stages))} with "
+                f"norm={self.norm!r} and would log the same {self.log_prefix}/... keys (Lightning would average "
+                "them); give them different stages= or norms"
+            )
 
     # ------------------------------------------------------------------ collection
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -394,11 +421,12 @@ class RobustnessEvaluation(EvaluationCallback):
         values = {key: float(m.compute()) for key, m in metrics.items()}  # syncs over DDP ranks
         count = trainer.strategy.reduce(torch.tensor(float(len(y)), device=x.device), reduce_op="sum")
         result = self._assemble(values, stage, trainer, is_twin, num_classes, int(count))
-        logs = {f"qsec/robust/{key}": value for key, value in values.items() if "/amplification/" not in key}
+        root = self.log_prefix
+        logs = {f"{root}/{key}": value for key, value in values.items() if "/amplification/" not in key}
         for label, entry in result["precisions"].items():
             if "amplification" in entry:
-                logs[f"qsec/robust/{label}/amplification"] = entry["amplification"]["ratio"]
-            logs[f"qsec/robust/{label}/masking_flags"] = float(len(entry["masking_flags"]))
+                logs[f"{root}/{label}/amplification"] = entry["amplification"]["ratio"]
+            logs[f"{root}/{label}/masking_flags"] = float(len(entry["masking_flags"]))
         for name, value in logs.items():
             pl_module.log(name, math.nan if value is None else value, sync_dist=True)  # equal on every rank already
         return result
@@ -521,7 +549,10 @@ class RobustnessEvaluation(EvaluationCallback):
                     "black-box or stronger (APGD, more steps) attacks."
                 )
             else:
-                notes.append(f"No sign of gradient masking at {stage}.")
+                notes.append(
+                    f"No gradient-masking flag at {stage} (gaps below {r['masking_tolerance']:.3f} on "
+                    f"{r['num_samples']} samples are not detectable)."
+                )
         first = next(iter(self.results.values()))
         notes.append(
             f"Attacks: {', '.join(a.upper() for a in first['attacks'])}; {first['steps']} steps, step size "

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
+from lightning_qsec.quant.precision import require_float
 
 __all__ = ["safe_load", "load_quantized_checkpoint", "find_quant_config"]
 
@@ -26,10 +27,14 @@ def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = str(err).splitlines()
+        detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise ValueError(
             f"refused to load {os.fspath(path)!r}: it holds objects that are not plain tensors "
             f"and containers (a pickled payload), and lightning-qsec loads with weights_only=True. "
-            f"Detail: {str(err).splitlines()[0]}"
+            f"Detail: {detail}. If that class is yours and trusted (a pathlib.Path in saved "
+            "hyperparameters, say), allow it with `with torch.serialization.safe_globals([TheClass]): ...`; "
+            "loading stays weights_only=True"
         ) from err
 
 
@@ -42,16 +47,23 @@ def find_quant_config(checkpoint: Mapping[str, Any]) -> QuantConfig:
             return QuantConfig.from_dict(state["config"])
     raise ValueError(
         "checkpoint records no quantization settings: expected a Lightning checkpoint written "
-        "with the QuantizationAwareTraining callback, or a file with a 'qsec_config' entry"
+        "with the QuantizationAwareTraining callback, or a file with a 'qsec_config' entry "
+        "(ModelCheckpoint(save_weights_only=True) drops callback state: pass config=QuantConfig(...) "
+        "with the settings you trained with)"
     )
 
 
-def _model_state(checkpoint: Mapping[str, Any], prefix: str | None) -> dict[str, Any]:
-    state = dict(checkpoint.get("state_dict", checkpoint))
+def _model_state(state: Mapping[str, Any], prefix: str | None) -> tuple[dict[str, Any], str]:
+    """The entries under ``prefix`` (detected when ``None``: the one top-level prefix), and the prefix."""
     if prefix is None:
         prefixes = {k.split(".", 1)[0] + "." for k in state if "." in k}
-        prefix = prefixes.pop() if len(prefixes) == 1 else ""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if len(prefixes) > 1:
+            raise ValueError(
+                f"the checkpoint's keys do not match the model and have several top-level prefixes "
+                f"{sorted(prefixes)}; pass prefix= the one that holds the model (e.g. 'net.')"
+            )
+        prefix = prefixes.pop() if prefixes else ""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
 
 
 def load_quantized_checkpoint(
@@ -60,6 +72,7 @@ def load_quantized_checkpoint(
     *,
     prefix: str | None = None,
     map_location: Any = "cpu",
+    config: QuantConfig | None = None,
 ) -> nn.Module:
     """Quantize a float model as the checkpoint records, load its weights, return it in eval mode.
 
@@ -74,6 +87,9 @@ def load_quantized_checkpoint(
             LightningModule (e.g. ``"net."``); by default a single common top-level
             prefix is stripped only if the keys do not match ``model`` as they are.
         map_location: as for ``torch.load``.
+        config: the quantization settings, for a checkpoint that does not record them
+            (``ModelCheckpoint(save_weights_only=True)`` drops callback state); by default
+            the ones the checkpoint records.
 
     Returns:
         The quantized ``model`` with the checkpoint's weights, scales and bit widths, in eval mode.
@@ -82,13 +98,20 @@ def load_quantized_checkpoint(
 
         model = load_quantized_checkpoint(MyLitModule(), "epoch=9.ckpt")  # a QAT checkpoint
     """
+    require_float(model, "load_quantized_checkpoint quantizes a new float instance as the checkpoint records")
     checkpoint = safe_load(path, map_location=map_location)
-    config = find_quant_config(checkpoint)
-    quantize_model(model, **config.to_dict())
+    if config is None:
+        config = find_quant_config(checkpoint)
     state = dict(checkpoint.get("state_dict", checkpoint))
-    own = set(model.state_dict())
+    own = set(model.state_dict())  # the float model's keys: weights, biases, normalisation buffers
+    settings = config.to_dict()
     if prefix is not None or not (set(state) >= own and set(state) & own):
-        state = _model_state(checkpoint, prefix)
+        state, prefix = _model_state(state, prefix)
+        # globs were recorded for the whole trained module ("net.features.*"): make them the submodule's
+        strip = lambda glob: glob[len(prefix):] if prefix and glob.startswith(prefix) else glob  # noqa: E731
+        settings["layer_bit_widths"] = {strip(g): b for g, b in settings["layer_bit_widths"].items()}
+        settings["skip"] = [strip(g) for g in settings["skip"]]
+    quantize_model(model, **settings)
     result = model.load_state_dict(state, strict=False)
     # Brevitas omits an activation scale that never saw data (no statistics, no calibration):
     # such a scaler stays in its initial state, exactly as it was saved.

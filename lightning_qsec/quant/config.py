@@ -34,13 +34,18 @@ class QuantConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_bit_width", check_bit_width(self.weight_bit_width, "weight_bit_width"))
         object.__setattr__(self, "act_bit_width", check_bit_width(self.act_bit_width, "act_bit_width"))
+        if not isinstance(self.layer_bit_widths, Mapping):
+            raise ValueError(f"layer_bit_widths must be a mapping glob -> bit width, got {self.layer_bit_widths!r}")
         widths = {
             str(glob): check_bit_width(bits, f"layer_bit_widths[{glob!r}]")
-            for glob, bits in dict(self.layer_bit_widths or {}).items()
+            for glob, bits in self.layer_bit_widths.items()
         }
         object.__setattr__(self, "layer_bit_widths", widths)
-        if isinstance(self.skip, str):
-            raise ValueError(f"skip must be a sequence of module names or globs, got the string {self.skip!r}")
+        for flag in ("quantize_input", "per_channel"):  # the string "false" would be truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if isinstance(self.skip, str) or not isinstance(self.skip, Sequence):
+            raise ValueError(f"skip must be a sequence of module names or globs, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ class Precision:
 
 def parse_precisions(values: Sequence[PrecisionLike], argument: str = "bit_widths") -> list[Precision]:
     """Parse a non-empty sequence of precisions, dropping duplicates in order."""
-    if isinstance(values, (str, int)):
+    if isinstance(values, (str, numbers.Number, Precision)):
         values = [values]
+    if not isinstance(values, Sequence):
+        raise ValueError(f"{argument} must be a precision or a sequence of precisions, got {values!r}")
     out: list[Precision] = []
     for v in values:
         p = Precision.parse(v, argument)
