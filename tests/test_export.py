@@ -233,6 +233,11 @@ def test_errors(model, test_set, tmp_path, monkeypatch):
         export_onnx(model, tmp_path / "f.onnx", example_input=x[:2], format="tflite")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="example_input"):
         export_onnx(model, tmp_path / "f.onnx", example_input=x[0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"opset_version must be >= 12 for QCDQ .* got 11"):
+        export_onnx(model, tmp_path / "f.onnx", example_input=x[:2], opset_version=11)
+    per_channel = quantize_model(_cnn(), per_channel=True)
+    with pytest.raises(ValueError, match=r"with per-channel weights, as here: True\), got 12"):
+        export_onnx(per_channel, tmp_path / "f.onnx", example_input=x[:2], opset_version=12)
     assert list(tmp_path.iterdir()) == []
     path = export_onnx(model, tmp_path / "m.onnx", example_input=x[:2])
     with pytest.raises(ValueError, match="graph_optimization must be one of"):

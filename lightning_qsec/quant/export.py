@@ -78,6 +78,16 @@ def _check_graph_optimization(value: str) -> str:
     return value
 
 
+def _has_per_channel_weights(model: nn.Module) -> bool:
+    """Does any quantized conv/linear layer hold one weight scale per output channel?"""
+    with torch.no_grad():
+        return any(
+            module.quant_weight().scale.numel() > 1
+            for module in model.modules()
+            if hasattr(module, "quant_weight") and getattr(module, "weight", None) is not None
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -116,7 +126,8 @@ def export_onnx(
         example_input: an input batch ``(N, ...)`` used for tracing (moved to the
             model's device). Its shape after the batch dimension is fixed in the graph.
         format: ``"qcdq"`` or ``"qonnx"``.
-        opset_version: ONNX opset of the graph (13 or higher for per-channel QCDQ).
+        opset_version: ONNX opset of the graph; QCDQ needs 12 or higher (13 or higher with
+            per-channel weights).
         dynamic_batch: make the batch dimension of input ``"input"`` and output
             ``"logits"`` symbolic (``"batch"``), and verify that the graph runs with a
             batch size other than ``example_input``'s.
@@ -128,7 +139,8 @@ def export_onnx(
         ImportError: onnx, onnxoptimizer, onnxruntime (or qonnx, for ``"qonnx"``) is
             missing; install them with ``pip install lightning-qsec[export]``.
         ValueError: ``format`` is not ``"qcdq"``/``"qonnx"``, the model is not
-            quantized, or ``example_input`` is not a batched tensor.
+            quantized, ``example_input`` is not a batched tensor, or ``opset_version`` is
+            too low for QCDQ.
         RuntimeError: the exported graph does not run at another batch size although
             ``dynamic_batch`` was asked for (e.g. a hard-coded batch in ``forward``).
 
@@ -156,6 +168,13 @@ def export_onnx(
             f"got {type(example_input).__name__}{tuple(getattr(example_input, 'shape', ()))}"
         )
     check_positive_int(opset_version, "opset_version")
+    if format == "qcdq":
+        minimum = 13 if _has_per_channel_weights(model) else 12  # QuantizeLinear with int8 and an axis
+        if opset_version < minimum:
+            raise ValueError(
+                f"opset_version must be >= 12 for QCDQ (>= 13 with per-channel weights, as here: "
+                f"{minimum == 13}), got {opset_version}"
+            )
     _require_modules("onnx", "onnxoptimizer", "onnxruntime", *(("qonnx",) if format == "qonnx" else ()))
     import onnx
     from brevitas.export import export_onnx_qcdq, export_qonnx
