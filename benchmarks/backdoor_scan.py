@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import red_team  # noqa: E402  (the clean and attacked models of the red-team benchmark)
 
 from lightning_qsec._warnings import filter_known_warnings  # noqa: E402
-from lightning_qsec.attacks import add_trigger, quantization_conditioned_attack, victim_quantize  # noqa: E402
+from lightning_qsec.attacks import add_trigger, quantization_conditioned_attack  # noqa: E402
 from lightning_qsec.defenses import ScanResult, scan_model  # noqa: E402
 from lightning_qsec.defenses._scan_thresholds import CALIBRATED, EVIDENCE, calibrated_threshold  # noqa: E402
 

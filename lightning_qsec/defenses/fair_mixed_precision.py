@@ -43,7 +43,7 @@ from lightning_qsec._validation import check_bit_width, check_positive_int
 from lightning_qsec.attacks._context import attack_mode
 from lightning_qsec.batch import BatchAdapter, adapter_or_default
 from lightning_qsec.quant.calibration import calibrate
-from lightning_qsec.quant.convert import WEIGHT_LAYERS, _weight_layer, quantize_model
+from lightning_qsec.quant.convert import WEIGHT_LAYERS, _set_submodule, _weight_layer, quantize_model
 from lightning_qsec.quant.precision import require_float
 
 __all__ = [
@@ -359,11 +359,6 @@ def _sub_layer(layer: nn.Module, rows: Tensor) -> nn.Module:
     for name, param in layer.named_parameters(recurse=False):  # a frozen layer stays frozen
         sub.get_parameter(name).requires_grad_(param.requires_grad)
     return sub
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _check_selection(

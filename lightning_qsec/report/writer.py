@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_qsec.report.atomic import write_bytes_atomic, write_text_atomic
+from lightning_qsec.report.atomic import write_bytes_atomic
 from lightning_qsec.report.markdown import render_markdown
 from lightning_qsec.report.plots import draw_plot
 from lightning_qsec.report.schema import build_report
