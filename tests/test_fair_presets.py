@@ -53,6 +53,7 @@ def test_fair_qat_int4_preset_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     state = torch.load(ckpt, weights_only=True)["callbacks"]
     assert state["FairQuantizationTraining"]["config"]["mode"] == "balanced_distillation"
     assert state["QuantizationAwareTraining"]["config"]["weight_bit_width"] == 4
+    assert report["metadata"]["quantization"]["input_bit_width"] == 8  # the data's precision, recorded
     metrics = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "qsec/fair_qat/kl" in metrics and "qsec/fair_qat/kl_group1" in metrics
 

@@ -215,3 +215,27 @@ def test_checkpoint_loads_into_the_inner_net_with_globs_and_without_callback_sta
         assert torch.allclose(again(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="model is already quantized"):
         load_quantized_checkpoint(inner, tmp_path / "qat.ckpt", prefix="net.")
+
+
+def test_fixed_input_bit_width_survives_checkpoints_and_evaluation_at_other_widths(tmp_path):
+    from lightning_qsec.callbacks import PrecisionSweep
+    from lightning_qsec.models import ClassificationModule, DigitsCNN
+
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(DigitsCNN())
+    seen: list[dict[str, int]] = []
+
+    class Widths(pl.Callback):  # the input width while the sweep runs the model at w2a2
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append(bit_widths(pl_module)["act"])
+
+    qat = QuantizationAwareTraining(4, 4, input_bit_width=8, calibrate_batches=2)
+    trainer = _fit(module, [qat, PrecisionSweep(bit_widths=[2]), Widths()], epochs=1, limit_train_batches=5,
+                   limit_val_batches=2)
+    inputs = [k for k in bit_widths(module)["act"] if "input_quant" in k]
+    assert len(inputs) == 1 and all(widths[inputs[0]] == 8 for widths in seen)
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    loaded = load_quantized_checkpoint(ClassificationModule(DigitsCNN()), tmp_path / "qat.ckpt")
+    assert bit_widths(loaded) == bit_widths(module)
+    with at_precision(loaded, act_bit_width=2):
+        assert bit_widths(loaded)["act"][inputs[0]] == 8

@@ -239,3 +239,33 @@ def test_calibrate_inside_inference_mode(trained):
     with torch.inference_mode():
         calibrate(q, _batches(x, y, n=2))
     assert _acc(q, x[1400:], y[1400:]) > 0.8
+
+
+def test_fixed_input_bit_width_is_kept_by_at_precision(trained):
+    net, x, y = trained
+    q = quantize_model(copy.deepcopy(net), weight_bit_width=4, act_bit_width=4, input_bit_width=8).eval()
+    calibrate(q, _batches(x, y))
+    acts = bit_widths(q)["act"]
+    inputs = {k: v for k, v in acts.items() if "input_quant" in k}
+    assert list(inputs.values()) == [8] and set(acts.values()) == {4, 8}
+    assert set(bit_widths(q, adjustable_only=True)["act"].values()) == {4}
+    with at_precision(q, weight_bit_width=2, act_bit_width=2):
+        assert set(bit_widths(q)["act"].values()) == {2, 8}
+        assert all(bit_widths(q)["act"][k] == 8 for k in inputs)
+    assert bit_widths(q)["act"] == acts
+    # the digits' 17 pixel levels pass an 8-bit input grid; a 4-bit one merges them
+    coarse = quantize_model(copy.deepcopy(net), weight_bit_width=4, act_bit_width=4).eval()
+    calibrate(coarse, _batches(x, y))
+    with torch.no_grad():
+        assert len(torch.unique(q[0].input_quant(x))) == 17
+        assert len(torch.unique(coarse[0].input_quant(x))) <= 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"input_bit_width": 1}, "input_bit_width"), ({"input_bit_width": 8, "quantize_input": False}, "quantize_input")],
+)
+def test_bad_input_bit_width(trained, kwargs, message):
+    net, _, _ = trained
+    with pytest.raises(ValueError, match=message):
+        quantize_model(copy.deepcopy(net), **kwargs)

@@ -44,6 +44,27 @@ def test_plain_checkpoint_round_trips(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_a_checkpoint_of_another_model_leaves_the_model_float(tmp_path):
+    from lightning_qsec import is_quantized
+    from lightning_qsec.models import TabularMLP
+
+    model = quantize_model(UserCNN(), weight_bit_width=4, act_bit_width=4).eval()
+    path = tmp_path / "cnn.pt"
+    torch.save({"state_dict": model.state_dict(), "qsec_config": model.qsec_config}, path)
+    other = TabularMLP(64, hidden=(16,))
+    with pytest.raises(ValueError, match="keys do not match the model"):
+        load_quantized_checkpoint(other, path)
+    assert not is_quantized(other)  # still usable: nothing was swapped
+    shapes = torch.load(path, weights_only=True)
+    key = next(k for k in shapes["state_dict"] if k.endswith("weight"))
+    shapes["state_dict"][key] = torch.zeros(3)
+    torch.save(shapes, tmp_path / "shapes.pt")
+    fresh = UserCNN()
+    with pytest.raises(ValueError, match=re.escape(f"{key} (3,) vs")):
+        load_quantized_checkpoint(fresh, tmp_path / "shapes.pt")
+    assert not is_quantized(fresh)
+
+
 def test_no_unsafe_torch_load_in_the_project():
     offenders = []
     for path in list((ROOT / "lightning_qsec").rglob("*.py")) + list((ROOT / "examples").rglob("*.py")) + list((ROOT / "benchmarks").rglob("*.py")):

@@ -48,6 +48,9 @@ class QuantizationAwareTraining(pl.Callback):
         skip: module names or globs left in float.
         quantize_input: quantize the input of the first conv/linear layer.
         per_channel: per-output-channel weight scales.
+        input_bit_width: a fixed bit width for the quantized input, the data's own
+            precision (e.g. 8 for a w4a4 network fed 8-bit data), left as it is when
+            evaluation hooks run the model at other bit widths; ``None``: ``act_bit_width``.
         calibrate_batches: training batches used to calibrate activation scales before
             training (0 to let Brevitas collect statistics during the first steps).
         batch_adapter: reads batches for calibration; default :func:`~lightning_qsec.read_batch`.
@@ -67,6 +70,7 @@ class QuantizationAwareTraining(pl.Callback):
         skip: Sequence[str] = (),
         quantize_input: bool = True,
         per_channel: bool = False,
+        input_bit_width: int | None = None,
         calibrate_batches: int = 10,
         batch_adapter: BatchAdapter | None = None,
     ) -> None:
@@ -77,6 +81,7 @@ class QuantizationAwareTraining(pl.Callback):
             skip=skip,
             quantize_input=quantize_input,
             per_channel=per_channel,
+            input_bit_width=input_bit_width,
         )
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches", allow_zero=True)
         self.batch_adapter = batch_adapter

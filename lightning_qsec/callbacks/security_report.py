@@ -124,6 +124,9 @@ class SecurityReport(pl.Callback):
             "global_step": trainer.global_step,
             "model": type(pl_module).__name__,
         }
+        settings = [m.qsec_config for m in pl_module.modules() if isinstance(getattr(m, "qsec_config", None), dict)]
+        if settings:  # the QuantConfig the model was quantized with (bit widths, input width, globs)
+            metadata["quantization"] = settings[0]
         sections = self.collect_sections(trainer)
         self.last_report_path = write_report(self.dirpath, sections, metadata=metadata)
         rank_zero_info(f"Security report written to {self.last_report_path}")

@@ -46,7 +46,7 @@ def _write_bn(bns: dict[str, nn.Module], stats: dict[str, dict[str, Tensor]]) ->
 
 
 def _configured_precision(model: nn.Module) -> Precision | None:
-    widths = bit_widths(model)
+    widths = bit_widths(model, adjustable_only=True)
     weights, acts = set(widths["weight"].values()), set(widths["act"].values())
     if len(weights) == 1 and len(acts) == 1:
         return Precision(weights.pop(), acts.pop())

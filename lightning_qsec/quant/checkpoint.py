@@ -111,6 +111,19 @@ def load_quantized_checkpoint(
         strip = lambda glob: glob[len(prefix):] if prefix and glob.startswith(prefix) else glob  # noqa: E731
         settings["layer_bit_widths"] = {strip(g): b for g, b in settings["layer_bit_widths"].items()}
         settings["skip"] = [strip(g) for g in settings["skip"]]
+    # the float weights' names and shapes first: a checkpoint of another model leaves ``model`` float
+    float_state = model.state_dict()
+    absent = sorted(set(float_state) - set(state))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in float_state.items()
+        if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape
+    ]
+    if absent or shapes:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__}: missing keys {absent}, "
+            f"shapes differ (checkpoint vs model): {shapes}"
+        )
     quantize_model(model, **settings)
     result = model.load_state_dict(state, strict=False)
     # Brevitas omits an activation scale that never saw data (no statistics, no calibration):

@@ -22,6 +22,13 @@ class QuantConfig:
         skip: module names or globs left in float.
         quantize_input: quantize the input of the first conv/linear layer.
         per_channel: per-output-channel weight scales instead of per-tensor.
+        input_bit_width: bit width of that input quantizer (2..16), held fixed: the
+            data's own precision, which :func:`~lightning_qsec.quant.at_precision` leaves
+            as it is, so evaluation at other bit widths varies the network, not its input
+            (Brevitas' low-bit ``bnn_pynq`` networks keep an 8-bit input the same way).
+            ``None``: ``act_bit_width`` (or the first layer's ``layer_bit_widths``
+            entry), changed by ``at_precision`` like every activation. Needs
+            ``quantize_input=True``.
     """
 
     weight_bit_width: int = 8
@@ -30,6 +37,7 @@ class QuantConfig:
     skip: Sequence[str] = ()
     quantize_input: bool = True
     per_channel: bool = False
+    input_bit_width: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_bit_width", check_bit_width(self.weight_bit_width, "weight_bit_width"))
@@ -44,6 +52,12 @@ class QuantConfig:
         for flag in ("quantize_input", "per_channel"):  # the string "false" would be truthy
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.input_bit_width is not None:
+            object.__setattr__(self, "input_bit_width", check_bit_width(self.input_bit_width, "input_bit_width"))
+            if not self.quantize_input:
+                raise ValueError(
+                    f"input_bit_width={self.input_bit_width} needs quantize_input=True (the input is left in float)"
+                )
         if isinstance(self.skip, str) or not isinstance(self.skip, Sequence):
             raise ValueError(f"skip must be a sequence of module names or globs, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))

@@ -77,7 +77,9 @@ _LEFT_FLOAT_BY_DESIGN = (
 )
 
 
-def _weight_layer(module: nn.Module, bits: int, input_bits: int | None, per_channel: bool) -> nn.Module:
+def _weight_layer(
+    module: nn.Module, bits: int, input_bits: int | None, per_channel: bool, *, fixed_input: bool = False
+) -> nn.Module:
     quant_cls = WEIGHT_LAYERS[type(module)]
     kwargs: dict[str, Any] = {}
     if isinstance(module, nn.Linear):
@@ -112,6 +114,8 @@ def _weight_layer(module: nn.Module, bits: int, input_bits: int | None, per_chan
         raise RuntimeError(f"could not copy {result.unexpected_keys} into {quant_cls.__name__}")
     for name, param in module.named_parameters(recurse=False):  # a frozen layer stays frozen
         layer.get_parameter(name).requires_grad_(param.requires_grad)
+    if fixed_input:  # QuantConfig.input_bit_width: at_precision leaves this width alone
+        layer.input_quant.qsec_fixed_bit_width = True
     return layer
 
 
@@ -164,6 +168,7 @@ def quantize_model(
     skip: Sequence[str] = (),
     quantize_input: bool = True,
     per_channel: bool = False,
+    input_bit_width: int | None = None,
 ) -> nn.Module:
     """Swap a model's float layers for Brevitas layers, in place.
 
@@ -191,6 +196,10 @@ def quantize_model(
         quantize_input: also quantize the input of the first conv/linear layer (in
             definition order), i.e. the model input in a sequential network.
         per_channel: per-output-channel weight scales.
+        input_bit_width: a fixed bit width for that input quantizer, the data's own
+            precision, which :func:`~lightning_qsec.quant.at_precision` does not change;
+            ``None``: the first layer's activation width, changed like the others (see
+            :class:`~lightning_qsec.quant.QuantConfig`).
 
     Returns:
         ``model`` itself. On a model that is already quantized nothing changes.
@@ -214,6 +223,7 @@ def quantize_model(
         skip=skip,
         quantize_input=quantize_input,
         per_channel=per_channel,
+        input_bit_width=input_bit_width,
     )
     if is_quantized(model):
         return model
@@ -244,8 +254,12 @@ def quantize_model(
     for name, module in targets:
         if type(module) in WEIGHT_LAYERS:
             bits = bits_for(name, config.weight_bit_width)
-            input_bits = bits_for(name, config.act_bit_width) if (config.quantize_input and first_weight_layer) else None
-            new = _weight_layer(module, bits, input_bits, config.per_channel)
+            input_bits = None
+            if config.quantize_input and first_weight_layer:
+                input_bits = config.input_bit_width or bits_for(name, config.act_bit_width)
+            new = _weight_layer(
+                module, bits, input_bits, config.per_channel, fixed_input=config.input_bit_width is not None
+            )
             first_weight_layer = False
         else:
             new = _activation(module, bits_for(name, config.act_bit_width))

@@ -19,10 +19,17 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANT_LAYER_TYPES) for m in model.modules())
 
 
-def bit_width_holders(model: nn.Module, kind: str) -> Iterator[tuple[str, BitWidthStatefulConst]]:
-    """Yield ``(name, holder)`` for every stateful bit width of ``kind`` ("weight" or "act")."""
+def bit_width_holders(
+    model: nn.Module, kind: str, *, adjustable_only: bool = False
+) -> Iterator[tuple[str, BitWidthStatefulConst]]:
+    """Yield ``(name, holder)`` for every stateful bit width of ``kind`` ("weight" or "act").
+
+    ``adjustable_only`` leaves out a fixed input width (``QuantConfig.input_bit_width``).
+    """
     proxy_type = WeightQuantProxyFromInjector if kind == "weight" else ActQuantProxyFromInjector
     for name, proxy in model.named_modules():
+        if adjustable_only and getattr(proxy, "qsec_fixed_bit_width", False):
+            continue
         if isinstance(proxy, proxy_type):
             for sub_name, holder in proxy.named_modules():
                 if isinstance(holder, BitWidthStatefulConst):

@@ -29,10 +29,17 @@ def require_float(model: nn.Module, needs: str, argument: str = "model") -> None
         raise ValueError(f"{argument} is already quantized; {needs}")
 
 
-def bit_widths(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Current bit widths: ``{"weight": {name: bits}, "act": {name: bits}}``."""
+def bit_widths(model: nn.Module, *, adjustable_only: bool = False) -> dict[str, dict[str, int]]:
+    """Current bit widths: ``{"weight": {name: bits}, "act": {name: bits}}``.
+
+    ``adjustable_only`` leaves out a fixed input width (``QuantConfig.input_bit_width``),
+    which :func:`at_precision` does not change.
+    """
     return {
-        kind: {name: int(holder.bit_width.item()) for name, holder in bit_width_holders(model, kind)}
+        kind: {
+            name: int(holder.bit_width.item())
+            for name, holder in bit_width_holders(model, kind, adjustable_only=adjustable_only)
+        }
         for kind in ("weight", "act")
     }
 
@@ -49,7 +56,8 @@ def at_precision(
     No copy is made: the stored bit widths (``stateful_const`` buffers) are overwritten
     and scales follow at run time, since Brevitas derives an integer scale from the
     bit width on every forward pass. Mixed per-layer widths are overwritten uniformly
-    and restored exactly.
+    and restored exactly. A fixed input width (``QuantConfig.input_bit_width``) is
+    the data's precision and is left as it is.
 
     Args:
         model: a model quantized by :func:`~lightning_qsec.quant.quantize_model`.
@@ -76,7 +84,7 @@ def at_precision(
     saved = []
     try:
         for kind, bits in requested.items():
-            for _, holder in bit_width_holders(model, kind):
+            for _, holder in bit_width_holders(model, kind, adjustable_only=True):
                 saved.append((holder, holder.bit_width.detach().clone()))
                 holder.bit_width.data.fill_(float(bits))
         yield model

@@ -6,7 +6,8 @@ Layout (``SCHEMA_VERSION = 1``)::
       "schema_version": 1,
       "lightning_qsec_version": "0.1.0",
       "created": "2024-01-01T12:00:00+00:00",     # UTC, ISO-8601
-      "metadata": {"stage": "fit", "epoch": 0, "global_step": 10, "model": "Net"},
+      "metadata": {"stage": "fit", "epochs_completed": 1, "global_step": 10, "model": "Net",
+                   "quantization": {"weight_bit_width": 4, ...}},
       "sections": {"<section.name>": <section.data>, ...}
     }
 
