@@ -54,6 +54,7 @@ def test_fair_qat_int4_preset_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert state["FairQuantizationTraining"]["config"]["mode"] == "balanced_distillation"
     assert state["QuantizationAwareTraining"]["config"]["weight_bit_width"] == 4
     assert report["metadata"]["quantization"]["input_bit_width"] == 8  # the data's precision, recorded
+    assert report["metadata"]["training"]["FairQuantizationTraining"]["mode"] == "balanced_distillation"
     metrics = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "qsec/fair_qat/kl" in metrics and "qsec/fair_qat/kl_group1" in metrics
 

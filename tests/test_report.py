@@ -254,6 +254,20 @@ def test_markdown_contains_tables_and_metadata(tmp_path: Path) -> None:
     assert "![Accuracy vs bits](sweep_line.png)" in md
 
 
+def test_markdown_lists_settings_one_item_each(tmp_path: Path) -> None:
+    meta = {
+        "quantization": {"weight_bit_width": 4, "layer_bit_widths": {"net.*": 8}, "input_bit_width": None},
+        "training": {"AdversarialTraining": {"method": "pgd", "eps": [[0, 0.1]]}, "Odd`name": {}},
+    }
+    write_report(tmp_path, [_section()], metadata=meta)
+    md = (tmp_path / "report.md").read_text()
+    assert "- **quantization**:\n  - weight_bit_width: `4`\n  - layer_bit_widths: `net.*=8`\n" in md
+    assert "  - input_bit_width: `None`" in md  # a glob stays literal inside code, None is shown
+    assert "  - AdversarialTraining: `method=pgd, eps=[[0, 0.1]]`" in md
+    assert "  - Odd`name: `{}`" in md
+    assert json.loads((tmp_path / "report.json").read_text())["metadata"] == meta
+
+
 def test_format_cell() -> None:
     assert format_cell(0.123456) == "0.1235"
     assert format_cell(123456.7) == "1.235e+05"

@@ -35,6 +35,12 @@ class SecurityReport(pl.Callback):
     ``on_validation_end``; a hook that computes its results in the same hook must
     therefore come before ``SecurityReport`` in ``Trainer(callbacks=[...])``.
 
+    The report's metadata records the stage, completed epochs, global step, the model
+    class, the model's quantization settings (``quantization``: the
+    :class:`~lightning_qsec.quant.QuantConfig` it was quantized with) and the settings
+    of the package's hardening callbacks in the trainer (``training``: each one's
+    ``config()`` under its ``state_key``).
+
     Args:
         dirpath: output directory for ``report.json``, ``report.md`` and plots.
         on: stages after which the report is written: ``"fit"``, ``"test"``
@@ -127,6 +133,13 @@ class SecurityReport(pl.Callback):
         settings = [m.qsec_config for m in pl_module.modules() if isinstance(getattr(m, "qsec_config", None), dict)]
         if settings:  # the QuantConfig the model was quantized with (bit widths, input width, globs)
             metadata["quantization"] = settings[0]
+        recipe = {
+            c.state_key: c.config()
+            for c in trainer.callbacks
+            if type(c).__module__.startswith("lightning_qsec.") and callable(getattr(c, "config", None))
+        }
+        if recipe:  # the hardening callbacks' settings (AT eps, regularizer coefficients, fair QAT mode)
+            metadata["training"] = recipe
         sections = self.collect_sections(trainer)
         self.last_report_path = write_report(self.dirpath, sections, metadata=metadata)
         rank_zero_info(f"Security report written to {self.last_report_path}")

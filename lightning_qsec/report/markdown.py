@@ -73,6 +73,16 @@ def _inline(text: str) -> str:
     return " ".join(str(text).splitlines())
 
 
+def _settings(value: Any) -> str:
+    """One setting, or ``a=1, b=[2, 3]`` for a callback's settings, on one line (shown as code, so
+    globs stay literal)."""
+    if isinstance(value, Mapping) and value:
+        text = ", ".join(f"{k}={v}" for k, v in value.items())
+    else:
+        text = "{}" if isinstance(value, Mapping) else "None" if value is None else format_cell(value)
+    return _inline(text).replace("`", "'")
+
+
 def render_table(table: Table) -> str:
     """Render one :class:`Table` as a titled GitHub markdown table.
 
@@ -108,7 +118,11 @@ def render_markdown(report: Mapping[str, Any], sections: Sequence[ReportSection]
     lines.append(f"- **schema version**: {report.get('schema_version', '')}")
     lines.append(f"- **created**: {report.get('created', '')}")
     for key, value in (report.get("metadata") or {}).items():
-        lines.append(f"- **{key}**: {format_cell(value)}")
+        if isinstance(value, Mapping):  # quantization settings; one sub-item per hardening callback
+            lines.append(f"- **{key}**:")
+            lines.extend(f"  - {_inline(name)}: `{_settings(setting)}`" for name, setting in value.items())
+        else:
+            lines.append(f"- **{key}**: {format_cell(value)}")
     lines.append("")
     if not sections:
         lines.extend(["_No evaluation hook reported any results._", ""])
