@@ -120,12 +120,16 @@ def read_batch(batch: Any) -> Batch:
     return Batch(inputs=x, targets=y, groups=g)
 
 
-def adapter_or_default(batch_adapter: BatchAdapter | None) -> BatchAdapter:
-    """The user's adapter, checked to return a :class:`Batch`, or :func:`read_batch`."""
-    if batch_adapter is None:
-        return read_batch
+def adapter_or_default(batch_adapter: BatchAdapter | None, *, owner: str | None = None) -> BatchAdapter:
+    """The user's adapter, checked to return a :class:`Batch`, or :func:`read_batch`.
+
+    With ``owner`` (a callback's name) a batch that cannot be read raises the same
+    error type with the owner's name in front, so the message says which callback read it.
+    """
 
     def checked(batch: Any) -> Batch:
+        if batch_adapter is None:
+            return read_batch(batch)
         out = batch_adapter(batch)
         if not isinstance(out, Batch):
             raise TypeError(
@@ -133,7 +137,16 @@ def adapter_or_default(batch_adapter: BatchAdapter | None) -> BatchAdapter:
             )
         return out
 
-    return checked
+    if owner is None:
+        return checked
+
+    def named(batch: Any) -> Batch:
+        try:
+            return checked(batch)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{owner}: {error}") from error
+
+    return named
 
 
 def as_device(batch: Batch, device: torch.device) -> Batch:

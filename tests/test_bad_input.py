@@ -86,6 +86,23 @@ def test_unreadable_batch_in_a_callback():
         calibrate(quantize_model(UserCNN()), data)
 
 
+def test_unreadable_batch_names_the_callback_that_read_it():
+    from lightning_qsec.models import ClassificationModule
+
+    class DictBatches(ClassificationModule):  # the module reads "pixels"; the sweep's default adapter cannot
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["pixels"], batch["label"]), batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            return super().validation_step((batch["pixels"], batch["label"]), batch_idx)
+
+    rows = [{"pixels": torch.rand(1, 8, 8), "label": 3}] * 16
+    loader = DataLoader(rows, batch_size=8)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(calibrate_batches=0), PrecisionSweep([4])])
+    with pytest.raises(ValueError, match=r"^PrecisionSweep: Cannot read batch of dict\{'pixels'"):
+        trainer.fit(DictBatches(UserCNN()), loader, loader)
+
+
 def test_empty_dataloader():
     empty = DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=8)
     with pytest.raises(ValueError, match="dataloader is empty"):

@@ -156,7 +156,7 @@ class BackdoorScan(EvaluationCallback):
             raise ValueError("trigger is only used with target_class: pass target_class= to measure its success rate")
         self.target_class = target_class
         self._stamp = trigger_function(trigger)
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self.scan: ScanResult | None = None
         self._inputs: list[Tensor] = []
         self._targets: list[Tensor] = []

@@ -257,7 +257,7 @@ class FairnessEvaluation(EvaluationCallback):
         self.bootstrap = check_positive_int(bootstrap, "bootstrap", allow_zero=True)
         self.confidence = check_probability(confidence, "confidence")
         self.seed = check_seed(seed)
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self._batch_adapter = batch_adapter
         self._target: nn.Module | None = None
         self._is_twin = False

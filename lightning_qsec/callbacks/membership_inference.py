@@ -318,7 +318,7 @@ class MembershipInferenceEvaluation(EvaluationCallback):
         self.seed = check_seed(seed)
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
         super().__init__(every_n_epochs=every_n_epochs, stages=(stages,) if isinstance(stages, str) else stages)
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self._batch_adapter = batch_adapter
         self._target: nn.Module | None = None
         self._is_twin = False

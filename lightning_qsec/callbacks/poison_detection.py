@@ -163,7 +163,7 @@ class PoisonedDataDetection(pl.Callback):
         self.eps = _check_eps(eps)
         self.seed = check_seed(seed, non_negative=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self.suspect_indices: Tensor = torch.zeros(0, dtype=torch.long)
         self.scores: Tensor = torch.zeros(0)
         self.results: dict[str, Any] = {}

@@ -81,7 +81,7 @@ class PrecisionSweep(EvaluationCallback):
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches")
         self.onnx = bool(onnx)
         self.onnx_max_samples = check_positive_int(onnx_max_samples, "onnx_max_samples")
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self._batch_adapter = batch_adapter
         self._target: nn.Module | None = None
         self._is_twin = False

@@ -224,7 +224,7 @@ class RobustnessEvaluation(EvaluationCallback):
         self.seed = check_seed(seed)
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(f"batch_adapter must be a callable(batch) -> Batch or None, got {batch_adapter!r}")
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self._batch_adapter = batch_adapter
         if (
             isinstance(masking_tolerance, bool)

@@ -268,7 +268,7 @@ class AdversarialTraining(pl.Callback):
         self.warmup_epochs = warmup_epochs
         self.trades_beta = float(trades_beta)
         self.seed = seed
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self.batches_attacked = 0
         self._trades: tuple[Tensor, Tensor] | None = None
         self._clean: tuple[Tensor, Tensor] | None = None  # (the batch rows written, their clean values)

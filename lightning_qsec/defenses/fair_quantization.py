@@ -179,7 +179,7 @@ class FairQuantizationTraining(BatchRegularizer):
         self.dro_step = float(dro_step)
         self.teacher: FairQATTeacher = teacher
         self.teacher_params: dict[str, Tensor] | None = None
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
         self.group_weights: Tensor | None = (
             torch.full((num_groups,), 1.0 / num_groups, dtype=torch.float64) if num_groups is not None else None
         )

@@ -90,7 +90,7 @@ class GradientL1Regularization(BatchRegularizer):
                 f"batch_adapter must be a callable batch -> lightning_qsec.Batch or None, got {batch_adapter!r}"
             )
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
-        self._read = adapter_or_default(batch_adapter)
+        self._read = adapter_or_default(batch_adapter, owner=type(self).__name__)
 
     def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor | None:
         weights = self.weights(pl_module)
