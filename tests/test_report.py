@@ -494,3 +494,22 @@ def test_two_hooks_of_one_kind_get_their_own_sections(tmp_path: Path) -> None:
     assert list(report["sections"]) == ["precision_sweep", "precision_sweep_2"]
     assert report["metadata"]["epochs_completed"] == 1
     assert any(p.name.startswith("precision_sweep_2_") for p in tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("kind", ["line", "bar"])
+def test_many_series_stay_distinguishable(kind: str) -> None:
+    from matplotlib.figure import Figure
+
+    from lightning_qsec.report.plots import _draw_bar, _draw_line
+
+    series = {f"s{i}": [(0, float(i)), (1, float(i) + 1)] for i in range(25)}
+    plot = Plot("many.png", "t", "x", "y", series, kind=kind)  # type: ignore[arg-type]
+    ax = Figure().add_subplot()
+    if kind == "line":
+        _draw_line(ax, plot)
+        styles = {(line.get_color(), line.get_linestyle()) for line in ax.lines}
+    else:
+        _draw_bar(ax, plot)
+        styles = {(container.patches[0].get_facecolor(), container.patches[0].get_hatch()) for container in ax.containers}
+    assert len(styles) == 25  # matplotlib's default cycle alone repeats after 10
+    assert draw_plot(plot)[:8] == PNG_SIGNATURE

@@ -27,6 +27,17 @@ def _finite(value: float) -> bool:
         return False
 
 
+_VARIANTS = 4  # after the 10 colours of matplotlib's default cycle: line styles or bar hatches
+
+
+def _style(index: int, kind: str) -> dict[str, Any]:
+    """Colour and line style (``kind="line"``) or hatch (``"bar"``) of series ``index``: 40 distinct."""
+    variant = index // 10 % _VARIANTS
+    if kind == "line":
+        return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[variant]}
+    return {"color": f"C{index % 10}", "hatch": ("", "//", "..", "xx")[variant]}
+
+
 def _draw_line(ax: Any, plot: Plot) -> int:
     """Draw line series; returns how many colours were used."""
     for index, (name, points) in enumerate(plot.series.items()):
@@ -34,7 +45,7 @@ def _draw_line(ax: Any, plot: Plot) -> int:
             continue
         xs = [x for x, _ in points]
         ys = [float(y) if y is not None else math.nan for _, y in points]
-        ax.plot(xs, ys, marker="o", label=str(name), color=f"C{index}")
+        ax.plot(xs, ys, marker="o", label=str(name), **_style(index, "line"))
     return len(plot.series)
 
 
@@ -59,7 +70,7 @@ def _draw_bar(ax: Any, plot: Plot) -> int:
             for category in categories
             if category in heights
         ]
-        ax.bar(positions, values, width=width, label=str(name), color=f"C{index}")
+        ax.bar(positions, values, width=width, label=str(name), **_style(index, "bar"))
     ax.set_xticks(range(len(categories)), [str(category) for category in categories])
     return len(plot.series)
 
@@ -69,7 +80,9 @@ def draw_plot(plot: Plot) -> bytes:
 
     ``kind="line"`` draws one line with markers per series; ``kind="bar"`` draws
     grouped bars (categories from the series' x values, in first-seen order).
-    ``hlines`` are dashed horizontal reference lines labelled in the legend.
+    ``hlines`` are dashed horizontal reference lines labelled in the legend. Series
+    beyond matplotlib's ten default colours differ by line style or bar hatch (40
+    distinct styles).
     Non-finite or ``None`` values are left out of the picture.
 
     Args:
@@ -91,9 +104,9 @@ def draw_plot(plot: Plot) -> bytes:
         if _finite(y):
             ax.axhline(
                 float(y),
-                linestyle="--",
+                linestyle=(0, (6, 2, 1, 2)),  # dash-dot-dot: unlike any series' style
                 linewidth=1.2,
-                color=f"C{used + offset}",
+                color=f"C{(used + offset) % 10}",
                 label=str(name),
             )
     ax.set_title(plot.title)
