@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -10,7 +12,7 @@ from conftest import UserCNN, quiet_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelPruning, StochasticWeightAveraging
 
 from lightning_qsec import at_precision, bit_widths, float_mode, is_quantized, load_quantized_checkpoint
-from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining
+from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining, SecurityReport
 from lightning_qsec.data import DigitsDataModule
 from lightning_qsec.quant.inspect import stat_scalers
 
@@ -108,9 +110,18 @@ def test_test_ckpt_path_and_inference_loading(tmp_path):
     expected = _test_acc(module)
 
     fresh = UserCNN()  # float: the callback swaps it in setup(stage="test") before the restore
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(4, 4)])
+    sweep, report = PrecisionSweep(bit_widths=[4]), SecurityReport(tmp_path / "report", on=["test"])
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(4, 4), sweep, report])
     got = trainer.test(fresh, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
     assert got[0]["test_acc"] == pytest.approx(expected)
+    # the results carry the epoch the checkpoint recorded, not the fresh trainer's 0
+    recorded = torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"]
+    assert recorded > 0 and sweep.results["test"]["epoch"] == recorded
+    metadata = json.loads((tmp_path / "report" / "report.json").read_text())["metadata"]
+    assert metadata["checkpoint_epoch"] == recorded and metadata["stage"] == "test"
+    trainer.test(fresh, datamodule=DigitsDataModule(), verbose=False)  # no checkpoint this time
+    assert sweep.results["test"]["epoch"] == 0
+    assert "checkpoint_epoch" not in json.loads((tmp_path / "report" / "report.json").read_text())["metadata"]
 
     loaded = load_quantized_checkpoint(UserCNN(), tmp_path / "last.ckpt")
     assert is_quantized(loaded) and not loaded.training

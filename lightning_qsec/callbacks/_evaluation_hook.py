@@ -54,6 +54,7 @@ class EvaluationCallback(pl.Callback):
         self._active = False
         self._measured_in_stage = False
         self._switchable: tuple[RandomPrecisionTraining, nn.Module] | None = None
+        self._checkpoint_epoch: int | None = None  # of the checkpoint this stage loaded, if any
 
     def precision(self, model: nn.Module, precision: Precision) -> AbstractContextManager[Any]:
         """``model`` at ``precision``, in place: :func:`~lightning_qsec.quant.at_precision`, or,
@@ -122,8 +123,23 @@ class EvaluationCallback(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, pl_module, "test")
 
+    def epoch(self, trainer: pl.Trainer) -> int:
+        """The epoch a result belongs to: ``trainer.current_epoch`` inside ``fit``; in
+        ``validate``/``test`` with ``ckpt_path=``, the ``epoch`` the loaded checkpoint
+        recorded (a fresh trainer's own epoch is 0)."""
+        if trainer.state.fn != TrainerFn.FITTING and self._checkpoint_epoch is not None:
+            return self._checkpoint_epoch
+        return int(trainer.current_epoch)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        epoch = checkpoint.get("epoch")
+        self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._measured_in_stage = False
+        self._checkpoint_epoch = None  # setup comes before this stage's checkpoint restore
         max_epochs = trainer.max_epochs
         short = max_epochs is not None and 0 < max_epochs < self.every_n_epochs
         if stage == "fit" and "validate" in self.stages and short:

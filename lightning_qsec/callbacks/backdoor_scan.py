@@ -211,7 +211,7 @@ class BackdoorScan(EvaluationCallback):
         self.scan = scan_model(pl_module, batches, on_twin=measure, **self.scan_kwargs)
         pl_module.log("qsec/backdoor_scan/score", self.scan.score)
         pl_module.log("qsec/backdoor_scan/suspicious", float(self.scan.suspicious))
-        result = {"stage": stage, "epoch": int(trainer.current_epoch), **self.scan.to_dict()}
+        result = {"stage": stage, "epoch": self.epoch(trainer), **self.scan.to_dict()}
         if precisions:
             for precision, rates in precisions.items():
                 pl_module.log(f"qsec/backdoor_scan/asr/{precision}", rates["attack_success_rate"])

@@ -360,7 +360,7 @@ class FairnessEvaluation(EvaluationCallback):
         metrics = ALL_METRICS + (BINARY_METRICS if binary else ())
         result: dict[str, Any] = {
             "stage": stage,
-            "epoch": int(trainer.current_epoch),
+            "epoch": self.epoch(trainer),
             "global_step": int(trainer.global_step),
             "ptq_twin": self._is_twin,
             "samples": n,

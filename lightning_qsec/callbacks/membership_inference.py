@@ -469,7 +469,7 @@ class MembershipInferenceEvaluation(EvaluationCallback):
         entries = self._entries(logits, y_all, n_m, scores)
         result: dict[str, Any] = {
             "stage": stage,
-            "epoch": int(trainer.current_epoch),
+            "epoch": self.epoch(trainer),
             "global_step": int(trainer.global_step),
             "ptq_twin": self._is_twin,
             "members": n_m,

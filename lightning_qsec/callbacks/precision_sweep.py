@@ -141,7 +141,7 @@ class PrecisionSweep(EvaluationCallback):
         float_acc = values["float/acc"]
         result: dict[str, Any] = {
             "stage": stage,
-            "epoch": int(trainer.current_epoch),
+            "epoch": self.epoch(trainer),
             "global_step": int(trainer.global_step),
             "ptq_twin": self._is_twin,
             "float": {"accuracy": float_acc},

@@ -437,7 +437,7 @@ class RobustnessEvaluation(EvaluationCallback):
     ) -> dict[str, Any]:
         result: dict[str, Any] = {
             "stage": stage,
-            "epoch": int(trainer.current_epoch),
+            "epoch": self.epoch(trainer),
             "global_step": int(trainer.global_step),
             "ptq_twin": is_twin,
             "num_samples": num_samples,

@@ -36,7 +36,8 @@ class SecurityReport(pl.Callback):
     therefore come before ``SecurityReport`` in ``Trainer(callbacks=[...])``.
 
     The report's metadata records the stage, completed epochs, global step, the model
-    class, the model's quantization settings (``quantization``: the
+    class, the epoch of the checkpoint a ``validate``/``test`` run loaded
+    (``checkpoint_epoch``, with ``ckpt_path=``), the model's quantization settings (``quantization``: the
     :class:`~lightning_qsec.quant.QuantConfig` it was quantized with) and the settings
     of the package's hardening callbacks in the trainer (``training``: each one's
     ``config()`` under its ``state_key``).
@@ -81,6 +82,7 @@ class SecurityReport(pl.Callback):
             )
         self.on: tuple[str, ...] = stages
         self.last_report_path: Path | None = None
+        self._checkpoint_epoch: int | None = None  # of the checkpoint this stage loaded, if any
 
     @property
     def state_key(self) -> str:
@@ -90,6 +92,17 @@ class SecurityReport(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed state: the output directory."""
         return {"dirpath": str(self.dirpath)}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Forget the previous stage's checkpoint (this stage's restore comes after ``setup``)."""
+        self._checkpoint_epoch = None
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Remember the loaded checkpoint's epoch, for the metadata of a ``test(ckpt_path=...)`` report."""
+        epoch = checkpoint.get("epoch")
+        self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
 
     def collect_sections(self, trainer: pl.Trainer) -> list[ReportSection]:
         """Ask every evaluation hook among ``trainer.callbacks`` for its section.
@@ -130,6 +143,8 @@ class SecurityReport(pl.Callback):
             "global_step": trainer.global_step,
             "model": type(pl_module).__name__,
         }
+        if stage != "fit" and self._checkpoint_epoch is not None:  # the trainer's own epoch is not the model's
+            metadata["checkpoint_epoch"] = self._checkpoint_epoch
         settings = [m.qsec_config for m in pl_module.modules() if isinstance(getattr(m, "qsec_config", None), dict)]
         if settings:  # the QuantConfig the model was quantized with (bit widths, input width, globs)
             metadata["quantization"] = settings[0]
