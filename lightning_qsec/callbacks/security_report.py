@@ -37,10 +37,10 @@ class SecurityReport(pl.Callback):
 
     The report's metadata records the stage, completed epochs, global step, the model
     class, the epoch of the checkpoint a ``validate``/``test`` run loaded
-    (``checkpoint_epoch``, with ``ckpt_path=``), the model's quantization settings (``quantization``: the
-    :class:`~lightning_qsec.quant.QuantConfig` it was quantized with) and the settings
-    of the package's hardening callbacks in the trainer (``training``: each one's
-    ``config()`` under its ``state_key``).
+    (``checkpoint_epoch``, with ``ckpt_path=``), the model's quantization settings
+    (``quantization``: the :class:`~lightning_qsec.quant.QuantConfig` it was quantized
+    with) and the settings of the package's hardening callbacks in the trainer
+    (``training``: each one's ``config()`` under its ``state_key``).
 
     Args:
         dirpath: output directory for ``report.json``, ``report.md`` and plots.
