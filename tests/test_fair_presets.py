@@ -25,7 +25,7 @@ def test_hard_coded_feature_count_matches_adult() -> None:
     assert AdultDataModule(sensitive="sex").num_features == 101
 
 
-def _run(preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replace: dict[str, str]) -> Path:
+def _run(preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replace: dict[str, str], epochs: int = 1) -> Path:
     from lightning_qsec.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -37,21 +37,24 @@ def _run(preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replace: 
         text = text.replace(old, new)
     config = tmp_path / f"{preset}.yaml"
     config.write_text(text)
-    main(["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=8",
+    main(["fit", "--config", str(config), f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=8",
           "--trainer.limit_val_batches=4", "--trainer.log_every_n_steps=2",
           f"--trainer.default_root_dir={tmp_path}"])
     return tmp_path / "qsec_report" / preset
 
 
 def test_fair_qat_int4_preset_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = _run("fair-qat-int4", tmp_path, monkeypatch, {"bootstrap: 1000": "bootstrap: 50"})
+    out = _run("fair-qat-int4", tmp_path, monkeypatch, {"bootstrap: 1000": "bootstrap: 50", "float_epochs: 5": "float_epochs: 1"},
+               epochs=2)
     report = json.loads((out / "report.json").read_text())
     section = report["sections"]["fairness_evaluation"]
     latest = section["latest"]["validate"]
+    assert [entry["epoch"] for entry in section["history"]] == [1]  # the float epoch is not measured
     assert latest["group_names"] == ["Male", "Female"] and "w4a4" in latest["precisions"]
     ckpt = next((out / "logs" / "version_0" / "checkpoints").glob("*.ckpt"))
     state = torch.load(ckpt, weights_only=True)["callbacks"]
     assert state["FairQuantizationTraining"]["config"]["mode"] == "balanced_distillation"
+    assert state["FairQuantizationTraining"]["teacher_params"] is not None  # taken when QAT began
     assert state["QuantizationAwareTraining"]["config"]["weight_bit_width"] == 4
     assert report["metadata"]["quantization"]["input_bit_width"] == 8  # the data's precision, recorded
     assert report["metadata"]["training"]["FairQuantizationTraining"]["mode"] == "balanced_distillation"

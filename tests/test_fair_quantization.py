@@ -306,6 +306,36 @@ def test_frozen_teacher_is_the_float_model_of_the_start_and_survives_a_resume() 
         live.load_state_dict(frozen.state_dict())
 
 
+@needs_adult
+def test_frozen_teacher_is_taken_when_qat_float_epochs_end() -> None:
+    """With QuantizationAwareTraining(float_epochs=1) the teacher is the model after its float epoch."""
+
+    class Logged(pl.Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if "qsec/fair_qat/kl" in trainer.callback_metrics and trainer.current_epoch not in self.steps:
+                self.steps.append(trainer.current_epoch)
+
+    def fit(callbacks: list[pl.Callback], epochs: int) -> ClassificationModule:
+        pl.seed_everything(0, verbose=False)
+        dm = AdultDataModule(sensitive="sex", batch_size=256)
+        module = ClassificationModule(TabularMLP(dm.num_features), lr=3e-3)
+        quiet_trainer(max_epochs=epochs, limit_train_batches=5, limit_val_batches=0, num_sanity_val_steps=0,
+                      callbacks=callbacks).fit(module, datamodule=dm)
+        return module
+
+    fair, logged = FairQuantizationTraining(lam=1.0, teacher="frozen"), Logged()
+    fit([QuantizationAwareTraining(4, 4, float_epochs=1), fair, logged], epochs=2)
+    float_only = fit([QuantizationAwareTraining(4, 4, float_epochs=1)], epochs=1)  # the float epoch alone
+    # the layers' weights and biases (the quantizers' scales, calibrated since, are unused in float)
+    expected = {k: v for k, v in float_only.named_parameters() if k.endswith(("weight", "bias"))}
+    assert fair.teacher_params is not None and set(expected) <= set(fair.teacher_params)
+    assert all(torch.allclose(fair.teacher_params[k], v.detach(), atol=1e-6) for k, v in expected.items())
+    assert logged.steps == [1]  # no term during the float epoch
+
+
 # -- the issue's claim (slow: 3 seeds x one float and two 10-epoch QAT fits) --------------------
 
 

@@ -250,3 +250,70 @@ def test_fixed_input_bit_width_survives_checkpoints_and_evaluation_at_other_widt
     assert bit_widths(loaded) == bit_widths(module)
     with at_precision(loaded, act_bit_width=2):
         assert bit_widths(loaded)["act"][inputs[0]] == 8
+
+
+# -- float_epochs: train in float first, then QAT in the same fit ------------------------------
+
+
+class _QuantizationOn(pl.Callback):
+    """Records, at each training epoch's end, whether the model differs from its float view."""
+
+    def __init__(self) -> None:
+        self.on: list[bool] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = pl_module(x)
+            with float_mode(pl_module):
+                ref = pl_module(x)
+        self.on.append(not torch.equal(out, ref))
+
+
+def test_float_epochs_train_exactly_the_float_model():
+    pl.seed_everything(0, verbose=False)
+    plain = UserCNN()
+    start = _weights(plain)
+    _fit(plain, [], epochs=2)
+    delayed = UserCNN()
+    delayed.load_state_dict(start)
+    qat, seen = QuantizationAwareTraining(4, 4, float_epochs=2), _QuantizationOn()
+    _fit(delayed, [qat, seen], epochs=2)
+    weights = {k: v for k, v in _weights(delayed).items() if k in start}
+    assert weights.keys() == start.keys()
+    assert all(torch.allclose(weights[k], v, atol=1e-6) for k, v in _weights(plain).items())
+    assert seen.on == [False, False] and not qat.calibrated  # quantized training never began
+    assert is_quantized(delayed)  # and the model is left with quantization on, not in float mode
+
+
+def test_float_epochs_then_qat_calibrates_and_hooks_measure_only_quantized_epochs():
+    pl.seed_everything(0, verbose=False)
+    module = UserCNN()
+    qat, seen, sweep = QuantizationAwareTraining(4, 4, float_epochs=1), _QuantizationOn(), PrecisionSweep([4])
+    _fit(module, [qat, seen, sweep], epochs=3)
+    assert seen.on == [False, True, True] and qat.calibrated
+    assert [r["epoch"] for r in sweep.history] == [1, 2]
+    assert sweep.results["validate"]["precisions"]["w4a4"]["accuracy"] > 0.5  # calibrated: uncalibrated is chance
+
+
+def test_float_epochs_resume_exactly_and_refuse_other_settings(tmp_path):
+    def run(epochs, ckpt_path=None, save=False, float_epochs=2):
+        pl.seed_everything(0, verbose=False)
+        module = UserCNN()
+        callbacks: list[pl.Callback] = [QuantizationAwareTraining(4, 4, float_epochs=float_epochs)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+        _fit(module, callbacks, epochs=epochs, ckpt_path=ckpt_path, enable_checkpointing=save)
+        return module
+
+    full = _weights(run(4))
+    run(1, save=True)  # stopped inside the float epochs
+    resumed = _weights(run(4, ckpt_path=tmp_path / "last.ckpt"))
+    assert max((full[k].float() - resumed[k].float()).abs().max().item() for k in full) <= 1e-6
+    with pytest.raises(ValueError, match="float_epochs=2, but this QuantizationAwareTraining has float_epochs=1"):
+        run(4, ckpt_path=tmp_path / "last.ckpt", float_epochs=1)
+
+
+def test_bad_float_epochs():
+    with pytest.raises(ValueError, match="float_epochs"):
+        QuantizationAwareTraining(4, 4, float_epochs=-1)

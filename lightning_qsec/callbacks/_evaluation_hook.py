@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_qsec._validation import check_positive_int
+from lightning_qsec.callbacks.qat import QuantizationAwareTraining
 from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
 from lightning_qsec.quant.precision import at_precision
 from lightning_qsec.quant.spec import Precision
@@ -27,7 +28,8 @@ class EvaluationCallback(pl.Callback):
 
     A subclass implements :meth:`_start` (the stage's first batch is coming),
     :meth:`_update` (one evaluation batch) and :meth:`_finish` (compute and return the
-    stage's result dict). This base never runs in the sanity check, applies
+    stage's result dict). This base never runs in the sanity check nor in the float
+    epochs of ``QuantizationAwareTraining(float_epochs=...)``, applies
     ``every_n_epochs`` only inside ``fit``, keeps :attr:`results` (latest per stage) and
     :attr:`history` in ``state_dict``, and raises a clear error when a standalone
     ``trainer.validate()``/``trainer.test()`` measured nothing (an empty dataloader:
@@ -81,6 +83,8 @@ class EvaluationCallback(pl.Callback):
             return
         if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        if any(isinstance(cb, QuantizationAwareTraining) and cb.in_float_phase(trainer) for cb in trainer.callbacks):
+            return  # QAT's float epochs: no quantized model to measure yet
         self._active = True
         switcher = next(
             (cb for cb in trainer.callbacks if isinstance(cb, RandomPrecisionTraining) and cb.switchable_bn), None

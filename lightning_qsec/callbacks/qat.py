@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelPruning
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_qsec._validation import check_positive_int
@@ -17,6 +19,7 @@ from lightning_qsec.quant.calibration import calibrate
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
 from lightning_qsec.quant.inspect import stat_scalers
+from lightning_qsec.quant.precision import float_mode
 from lightning_qsec.quant.statistics import load_statistics_state, statistics_state
 
 __all__ = ["QuantizationAwareTraining"]
@@ -35,6 +38,14 @@ class QuantizationAwareTraining(pl.Callback):
     with BatchNorm normalising by batch statistics as training will (``calibrate(...,
     batchnorm="batch")``); with 0 Brevitas gathers them over the first training steps.
 
+    With ``float_epochs=N`` the first ``N`` epochs of ``fit`` train the model in float
+    (every quantizer off, :func:`~lightning_qsec.quant.float_mode`; no activation
+    statistics are gathered), then the scales are calibrated and QAT fine-tunes the
+    trained float model: a quantization delay, in one ``fit``. Evaluation hooks skip
+    the float epochs; the user's own validation metrics there are the float model's.
+    :class:`~lightning_qsec.defenses.FairQuantizationTraining` takes its frozen teacher
+    when the float epochs end.
+
     The configuration, the calibration flag and the exact activation-statistics state
     live in ``state_dict()``, so a resumed run matches an uninterrupted one. Load a
     checkpoint for inference with :func:`~lightning_qsec.quant.load_quantized_checkpoint`.
@@ -52,7 +63,9 @@ class QuantizationAwareTraining(pl.Callback):
             precision (e.g. 8 for a w4a4 network fed 8-bit data), left as it is when
             evaluation hooks run the model at other bit widths; ``None``: ``act_bit_width``.
         calibrate_batches: training batches used to calibrate activation scales before
-            training (0 to let Brevitas collect statistics during the first steps).
+            quantized training (0 to let Brevitas collect statistics during the first steps).
+        float_epochs: epochs of ``fit`` trained in float before quantized training starts
+            (0: quantized from the first step).
         batch_adapter: reads batches for calibration; default :func:`~lightning_qsec.read_batch`.
 
     Example:
@@ -72,6 +85,7 @@ class QuantizationAwareTraining(pl.Callback):
         per_channel: bool = False,
         input_bit_width: int | None = None,
         calibrate_batches: int = 10,
+        float_epochs: int = 0,
         batch_adapter: BatchAdapter | None = None,
     ) -> None:
         self.config = QuantConfig(
@@ -84,6 +98,8 @@ class QuantizationAwareTraining(pl.Callback):
             input_bit_width=input_bit_width,
         )
         self.calibrate_batches = check_positive_int(calibrate_batches, "calibrate_batches", allow_zero=True)
+        self.float_epochs = check_positive_int(float_epochs, "float_epochs", allow_zero=True)
+        self._float_phase: ExitStack | None = None  # holds float_mode during the float epochs
         self.batch_adapter = batch_adapter
         self.calibrated = False
         self._module: pl.LightningModule | None = None
@@ -110,7 +126,36 @@ class QuantizationAwareTraining(pl.Callback):
         self._module = pl_module
         self._synced_scalers = set()
 
+    def in_float_phase(self, trainer: pl.Trainer) -> bool:
+        """Whether ``fit`` is in its first ``float_epochs`` epochs, training with quantization off."""
+        return trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch < self.float_epochs
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.in_float_phase(trainer):
+            self._calibrate(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.in_float_phase(trainer):
+            if self._float_phase is None:
+                self._float_phase = ExitStack()
+                self._float_phase.enter_context(float_mode(pl_module))
+            return
+        if self._float_phase is not None:  # the float epochs are over: quantized training starts here
+            self._leave_float_phase()
+            self._calibrate(trainer, pl_module)
+
+    def _leave_float_phase(self) -> None:
+        stack, self._float_phase = self._float_phase, None
+        if stack is not None:
+            stack.close()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._leave_float_phase()  # a fit shorter than float_epochs still ends with quantization on
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._leave_float_phase()
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.calibrated or self.calibrate_batches == 0:
             return
         loader = trainer.train_dataloader
@@ -145,8 +190,22 @@ class QuantizationAwareTraining(pl.Callback):
             broadcast_from_rank_zero(t for _, s in done for t in (s.value, s.buffer))
             self._synced_scalers.update(name for name, _ in done)
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Brevitas leaves out the scale of an activation quantizer that has not run yet (a
+        # checkpoint of the float epochs), and a strict restore refuses the missing key: save its
+        # initial value. The restore then ends collection, and load_state_dict below puts the
+        # exact statistics state back.
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for name, scaler in stat_scalers(pl_module):
+                state.setdefault(f"{name}.value", scaler.value.detach().clone())
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"config": self.config.to_dict(), "calibrated": self.calibrated}
+        state: dict[str, Any] = {
+            "config": self.config.to_dict(), "calibrated": self.calibrated, "float_epochs": self.float_epochs
+        }
         if self._module is not None:
             state["statistics"] = statistics_state(self._module)
         return state
@@ -157,6 +216,12 @@ class QuantizationAwareTraining(pl.Callback):
             raise ValueError(
                 f"checkpoint was trained with quantization settings {saved.to_dict()}, but this "
                 f"QuantizationAwareTraining has {self.config.to_dict()}; use the same settings to resume"
+            )
+        saved_float = state_dict.get("float_epochs", 0)
+        if saved_float != self.float_epochs:
+            raise ValueError(
+                f"checkpoint was trained with float_epochs={saved_float}, but this QuantizationAwareTraining "
+                f"has float_epochs={self.float_epochs}; use the same settings to resume"
             )
         self.calibrated = bool(state_dict.get("calibrated", False))
         if self._module is not None and "statistics" in state_dict:

@@ -24,6 +24,13 @@ FairQATTeacher = Literal["live", "frozen"]
 _TEACHERS = ("live", "frozen")
 
 
+def _float_phase(trainer: pl.Trainer | None) -> bool:
+    """Whether ``QuantizationAwareTraining(float_epochs=...)`` is still training the float model
+    (``None``: hooks called without a Trainer)."""
+    callbacks = [] if trainer is None else trainer.callbacks
+    return any(callable(getattr(cb, "in_float_phase", None)) and cb.in_float_phase(trainer) for cb in callbacks)
+
+
 def per_sample_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
     """``T**2 * KL(softmax(teacher / T) || softmax(student / T))`` for each row, shape ``(N,)``.
 
@@ -78,9 +85,11 @@ class FairQuantizationTraining(BatchRegularizer):
 
     The float teacher (``teacher``): ``"live"``, the module's current weights with
     quantization off (they move with training; use it when QAT starts from scratch), or
-    ``"frozen"``, the float weights as they were when training started, kept in
-    :attr:`teacher_params` (and in :meth:`state_dict`, so a resume keeps them): the
-    float model that QAT fine-tunes toward int4, whose predictions are the reference.
+    ``"frozen"``, the float weights as they were when quantized training started (the
+    first step, or the first after ``QuantizationAwareTraining(float_epochs=N)``'s float
+    epochs, during which this callback adds nothing), kept in :attr:`teacher_params`
+    (and in :meth:`state_dict`, so a resume keeps them): the float model that QAT
+    fine-tunes toward int4, whose predictions are the reference.
     Only parameters are frozen; buffers (BatchNorm statistics) are the live ones. Give the
     distillation time: on Adult at w4a4 with 8-bit input (``benchmarks/fair_quantization.py``)
     ten QAT epochs with the frozen teacher cut the worst group's accuracy drop by more than
@@ -303,10 +312,14 @@ class FairQuantizationTraining(BatchRegularizer):
                 "FairQuantizationTraining distils the quantized model from its float self and needs quantized "
                 "layers; add QuantizationAwareTraining to the callbacks, listed before FairQuantizationTraining"
             )
-        if self.teacher == "frozen":
-            if self.teacher_params is None:  # not restored from a checkpoint: the float weights of now
-                self.teacher_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        if self.teacher == "frozen" and self.teacher_params is None and not _float_phase(trainer):
+            self._freeze_teacher(pl_module)  # not restored from a checkpoint: the float weights of now
+        if self.teacher == "frozen" and self.teacher_params is not None:
             self.teacher_params = {k: v.to(pl_module.device) for k, v in self.teacher_params.items()}
+
+    def _freeze_teacher(self, pl_module: pl.LightningModule) -> None:
+        """The float weights of now, before the first quantized step: the frozen teacher."""
+        self.teacher_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
     def hold_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
         read = self._read(batch)
@@ -318,7 +331,16 @@ class FairQuantizationTraining(BatchRegularizer):
             )
         return read.inputs, self._check_groups(read.groups, batch)
 
-    def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.teacher == "frozen" and self.teacher_params is None and not _float_phase(trainer):
+            self._freeze_teacher(pl_module)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor | None:
+        if _float_phase(trainer):
+            return None  # nothing to distil while QuantizationAwareTraining still trains the float model
         inputs, groups = held
         x, g = inputs.to(pl_module.device), groups.to(pl_module.device)
         assert self.num_groups is not None
