@@ -8,6 +8,8 @@
 * ``resume``: a conv-BatchNorm network with QAT, ``RandomPrecisionTraining(switchable_bn=True)``
   and PGD ``AdversarialTraining``, no validation: the per-precision BatchNorm statistics stay
   equal across ranks, and a run resumed after epoch 1 ends exactly where an uninterrupted one does.
+* ``delay``: ``QuantizationAwareTraining(float_epochs=1)``: one float epoch, then calibration (on
+  all ranks' batches) and QAT; equal on both ranks, and a resume after the float epoch is exact.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ class TwinScales(PrecisionSweep):
         return super()._finish(trainer, pl_module, stage)
 
 
-def trainer(max_epochs, callbacks, **kwargs):
-    return pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=max_epochs, logger=False,
+def trainer(max_epochs, callbacks, strategy="ddp", **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=max_epochs, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       num_sanity_val_steps=0, deterministic=True, callbacks=callbacks, **kwargs)
 
@@ -71,6 +73,32 @@ elif mode == "twin":
     t = trainer(1, [sweep], limit_train_batches=4, limit_val_batches=4)
     t.fit(ClassificationModule(DigitsCNN(), lr=3e-3), DigitsDataModule(batch_size=32))
     record = {"twin": sweep.scales}
+elif mode == "delay":
+    def run(epochs, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = ClassificationModule(DigitsCNN(), lr=3e-3)
+        sweep = PrecisionSweep([4], calibrate_batches=2)
+        callbacks = [QuantizationAwareTraining(4, 4, calibrate_batches=2, float_epochs=1), sweep]
+        # the float epoch leaves the scale parameters unused: DDP must look for them
+        t = trainer(epochs, callbacks, strategy="ddp_find_unused_parameters_true", limit_train_batches=3,
+                    limit_val_batches=2)
+        t.fit(module, DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+        return t, module, [r["epoch"] for r in sweep.history]
+
+    try:  # plain "ddp" is refused with a message that says what to use
+        trainer(1, [QuantizationAwareTraining(4, 4, float_epochs=1)]).fit(
+            ClassificationModule(DigitsCNN()), DigitsDataModule(batch_size=16))
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    refused = "ddp_find_unused_parameters_true" in refused
+
+    t, _, _ = run(1)  # the float epoch only
+    t.save_checkpoint(ckpt)
+    _, resumed, _ = run(2, ckpt)
+    t, straight, measured = run(2)
+    record = {"resumed": digest(resumed.parameters()), "straight": digest(straight.parameters()), "measured": measured,
+              "refused": refused}
 else:
     def run(epochs, ckpt_path=None):
         pl.seed_everything(0, verbose=False)
@@ -112,6 +140,13 @@ def test_scales_collected_in_no_sync_micro_batches_end_equal_on_every_rank(tmp_p
 def test_every_rank_calibrates_the_same_ptq_twin(tmp_path) -> None:
     rank0, rank1 = _records(tmp_path, "twin")
     assert rank0["twin"] is not None and rank0["twin"] == rank1["twin"]
+
+
+def test_float_epochs_then_qat_are_the_same_on_every_rank_and_resume_exactly(tmp_path) -> None:
+    rank0, rank1 = _records(tmp_path, "delay")
+    for record in (rank0, rank1):
+        assert record["resumed"] == record["straight"] and record["measured"] == [1] and record["refused"]
+    assert rank0["straight"] == rank1["straight"]  # calibrated at epoch 1 on all ranks' batches
 
 
 def test_switchable_batchnorm_and_adversarial_training_resume_exactly(tmp_path) -> None:

@@ -296,7 +296,8 @@ def test_float_epochs_then_qat_calibrates_and_hooks_measure_only_quantized_epoch
     assert sweep.results["validate"]["precisions"]["w4a4"]["accuracy"] > 0.5  # calibrated: uncalibrated is chance
 
 
-def test_float_epochs_resume_exactly_and_refuse_other_settings(tmp_path):
+@pytest.mark.parametrize("stop", [1, 2])  # inside the float epochs, and where they end
+def test_float_epochs_resume_exactly_and_refuse_other_settings(tmp_path, stop):
     def run(epochs, ckpt_path=None, save=False, float_epochs=2):
         pl.seed_everything(0, verbose=False)
         module = UserCNN()
@@ -307,7 +308,7 @@ def test_float_epochs_resume_exactly_and_refuse_other_settings(tmp_path):
         return module
 
     full = _weights(run(4))
-    run(1, save=True)  # stopped inside the float epochs
+    run(stop, save=True)
     resumed = _weights(run(4, ckpt_path=tmp_path / "last.ckpt"))
     assert max((full[k].float() - resumed[k].float()).abs().max().item() for k in full) <= 1e-6
     with pytest.raises(ValueError, match="float_epochs=2, but this QuantizationAwareTraining has float_epochs=1"):

@@ -43,6 +43,8 @@ class QuantizationAwareTraining(pl.Callback):
     statistics are gathered), then the scales are calibrated and QAT fine-tunes the
     trained float model: a quantization delay, in one ``fit``. Evaluation hooks skip
     the float epochs; the user's own validation metrics there are the float model's.
+    Under DDP the float epochs leave the scale parameters unused: use
+    ``strategy="ddp_find_unused_parameters_true"`` (anything else is refused in ``setup``).
     :class:`~lightning_qsec.defenses.FairQuantizationTraining` takes its frozen teacher
     when the float epochs end.
 
@@ -122,6 +124,14 @@ class QuantizationAwareTraining(pl.Callback):
                 f"callbacks: {early} come before QuantizationAwareTraining and would prune the float "
                 "layers that QAT replaces; list QuantizationAwareTraining first"
             )
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)  # DDPStrategy's arguments to DistributedDataParallel
+        if stage == "fit" and self.float_epochs and isinstance(ddp_kwargs, dict):
+            if not ddp_kwargs.get("find_unused_parameters", False):
+                raise ValueError(
+                    f"float_epochs={self.float_epochs} under DDP: the float epochs leave the quantizers' scale "
+                    "parameters unused, which DistributedDataParallel refuses unless it looks for them; use "
+                    "strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))"
+                )
         quantize_model(pl_module, **self.config.to_dict())
         self._module = pl_module
         self._synced_scalers = set()
@@ -131,7 +141,7 @@ class QuantizationAwareTraining(pl.Callback):
         return trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch < self.float_epochs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.in_float_phase(trainer):
+        if not self.float_epochs:
             self._calibrate(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,9 +150,10 @@ class QuantizationAwareTraining(pl.Callback):
                 self._float_phase = ExitStack()
                 self._float_phase.enter_context(float_mode(pl_module))
             return
-        if self._float_phase is not None:  # the float epochs are over: quantized training starts here
-            self._leave_float_phase()
-            self._calibrate(trainer, pl_module)
+        # the float epochs are over: quantized training starts here, calibrated on this epoch's
+        # first batches (also when a resume starts at this epoch, so that it matches)
+        self._leave_float_phase()
+        self._calibrate(trainer, pl_module)
 
     def _leave_float_phase(self) -> None:
         stack, self._float_phase = self._float_phase, None
