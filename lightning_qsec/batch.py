@@ -123,30 +123,32 @@ def read_batch(batch: Any) -> Batch:
 def adapter_or_default(batch_adapter: BatchAdapter | None, *, owner: str | None = None) -> BatchAdapter:
     """The user's adapter, checked to return a :class:`Batch`, or :func:`read_batch`.
 
-    With ``owner`` (a callback's name) a batch that cannot be read raises the same
-    error type with the owner's name in front, so the message says which callback read it.
+    With ``owner`` (a callback's name) the reader's own errors (a batch :func:`read_batch`
+    cannot read, an adapter that does not return a :class:`Batch`) start with the owner's
+    name, so the message says which callback read the batch; an exception raised by the
+    user's adapter itself is re-raised unchanged, with a note naming the owner.
     """
+    prefix = f"{owner}: " if owner else ""
 
     def checked(batch: Any) -> Batch:
         if batch_adapter is None:
-            return read_batch(batch)
-        out = batch_adapter(batch)
+            try:
+                return read_batch(batch)
+            except ValueError as error:
+                if not owner:
+                    raise
+                raise ValueError(f"{prefix}{error}") from None
+        try:
+            out = batch_adapter(batch)
+        except Exception as error:
+            if owner:
+                error.add_note(f"raised by the batch_adapter of {owner}")
+            raise
         if not isinstance(out, Batch):
-            raise TypeError(
-                f"batch_adapter must return lightning_qsec.Batch, got {type(out).__name__}"
-            )
+            raise TypeError(f"{prefix}batch_adapter must return lightning_qsec.Batch, got {type(out).__name__}")
         return out
 
-    if owner is None:
-        return checked
-
-    def named(batch: Any) -> Batch:
-        try:
-            return checked(batch)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{owner}: {error}") from error
-
-    return named
+    return checked
 
 
 def as_device(batch: Batch, device: torch.device) -> Batch:

@@ -103,6 +103,21 @@ def test_unreadable_batch_names_the_callback_that_read_it():
         trainer.fit(DictBatches(UserCNN()), loader, loader)
 
 
+def test_a_user_adapter_error_passes_through_with_a_note():
+    import json
+
+    from lightning_qsec.batch import adapter_or_default
+
+    def adapter(batch):
+        return json.loads("{bad")  # the user's own error: its type and fields must survive
+
+    with pytest.raises(json.JSONDecodeError) as info:
+        adapter_or_default(adapter, owner="AdversarialTraining")(None)
+    assert info.value.pos == 1 and "raised by the batch_adapter of AdversarialTraining" in info.value.__notes__
+    with pytest.raises(TypeError, match="^FairnessEvaluation: batch_adapter must return lightning_qsec.Batch"):
+        adapter_or_default(lambda batch: batch, owner="FairnessEvaluation")((torch.zeros(2, 3), torch.zeros(2)))
+
+
 def test_empty_dataloader():
     empty = DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=8)
     with pytest.raises(ValueError, match="dataloader is empty"):

@@ -238,6 +238,9 @@ def test_errors(model, test_set, tmp_path, monkeypatch):
     per_channel = quantize_model(_cnn(), per_channel=True)
     with pytest.raises(ValueError, match=r"with per-channel weights, as here: True\), got 12"):
         export_onnx(per_channel, tmp_path / "f.onnx", example_input=x[:2], opset_version=12)
+    wide_input = quantize_model(_cnn(), weight_bit_width=4, act_bit_width=4, input_bit_width=12)
+    with pytest.raises(ValueError, match=r"format='qcdq' exports bit widths up to 8 .*input_quant.*12"):
+        export_onnx(wide_input, tmp_path / "f.onnx", example_input=x[:2])
     assert list(tmp_path.iterdir()) == []
     path = export_onnx(model, tmp_path / "m.onnx", example_input=x[:2])
     with pytest.raises(ValueError, match="graph_optimization must be one of"):

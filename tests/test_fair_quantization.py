@@ -328,7 +328,8 @@ def test_frozen_teacher_is_taken_when_qat_float_epochs_end() -> None:
 
     fair, logged = FairQuantizationTraining(lam=1.0, teacher="frozen"), Logged()
     fit([QuantizationAwareTraining(4, 4, float_epochs=1), fair, logged], epochs=2)
-    float_only = fit([QuantizationAwareTraining(4, 4, float_epochs=1)], epochs=1)  # the float epoch alone
+    with pytest.warns(UserWarning, match="fit ended in its float epochs"):
+        float_only = fit([QuantizationAwareTraining(4, 4, float_epochs=1)], epochs=1)  # the float epoch alone
     # the layers' weights and biases (the quantizers' scales, calibrated since, are unused in float)
     expected = {k: v for k, v in float_only.named_parameters() if k.endswith(("weight", "bias"))}
     assert fair.teacher_params is not None and set(expected) <= set(fair.teacher_params)

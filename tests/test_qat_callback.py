@@ -114,11 +114,11 @@ def test_test_ckpt_path_and_inference_loading(tmp_path):
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(4, 4), sweep, report])
     got = trainer.test(fresh, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
     assert got[0]["test_acc"] == pytest.approx(expected)
-    # the results carry the epoch the checkpoint recorded, not the fresh trainer's 0
-    recorded = torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"]
-    assert recorded > 0 and sweep.results["test"]["epoch"] == recorded
+    # the results carry the last epoch the weights were trained in (the third, 0-based 2, as fit's
+    # validation labels it), not the fresh trainer's 0 nor Lightning's completed-epoch count
+    assert sweep.results["test"]["epoch"] == 2
     metadata = json.loads((tmp_path / "report" / "report.json").read_text())["metadata"]
-    assert metadata["checkpoint_epoch"] == recorded and metadata["stage"] == "test"
+    assert metadata["checkpoint_epoch"] == 2 and metadata["stage"] == "test"
     trainer.test(fresh, datamodule=DigitsDataModule(), verbose=False)  # no checkpoint this time
     assert sweep.results["test"]["epoch"] == 0
     assert "checkpoint_epoch" not in json.loads((tmp_path / "report" / "report.json").read_text())["metadata"]
@@ -278,7 +278,8 @@ def test_float_epochs_train_exactly_the_float_model():
     delayed = UserCNN()
     delayed.load_state_dict(start)
     qat, seen = QuantizationAwareTraining(4, 4, float_epochs=2), _QuantizationOn()
-    _fit(delayed, [qat, seen], epochs=2)
+    with pytest.warns(UserWarning, match=r"fit ended in its float epochs \(float_epochs=2"):
+        _fit(delayed, [qat, seen], epochs=2)
     weights = {k: v for k, v in _weights(delayed).items() if k in start}
     assert weights.keys() == start.keys()
     assert all(torch.allclose(weights[k], v, atol=1e-6) for k, v in _weights(plain).items())
@@ -308,11 +309,78 @@ def test_float_epochs_resume_exactly_and_refuse_other_settings(tmp_path, stop):
         return module
 
     full = _weights(run(4))
-    run(stop, save=True)
+    with pytest.warns(UserWarning, match="fit ended in its float epochs"):
+        run(stop, save=True)
     resumed = _weights(run(4, ckpt_path=tmp_path / "last.ckpt"))
     assert max((full[k].float() - resumed[k].float()).abs().max().item() for k in full) <= 1e-6
     with pytest.raises(ValueError, match="float_epochs=2, but this QuantizationAwareTraining has float_epochs=1"):
         run(4, ckpt_path=tmp_path / "last.ckpt", float_epochs=1)
+
+
+def test_float_epochs_resumed_mid_epoch_stay_float_and_their_checkpoints_are_refused(tmp_path):
+    from lightning_qsec import QuantConfig
+
+    class QuantizedAtBatch(pl.Callback):
+        def __init__(self) -> None:
+            self.on: list[tuple[int, bool]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                out = pl_module(x)
+                with float_mode(pl_module):
+                    ref = pl_module(x)
+            self.on.append((trainer.current_epoch, not torch.equal(out, ref)))
+
+    def run(ckpt_path=None, **kwargs):
+        pl.seed_everything(0, verbose=False)
+        seen = QuantizedAtBatch()
+        callbacks = [QuantizationAwareTraining(4, 4, float_epochs=1, calibrate_batches=2), seen,
+                     ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)]
+        _fit(UserCNN(), callbacks, epochs=2, ckpt_path=ckpt_path, enable_checkpointing=True, limit_train_batches=4,
+             limit_val_batches=1, **kwargs)
+        return seen.on
+
+    with pytest.warns(UserWarning, match="fit ended in its float epochs"):
+        run(max_steps=2)  # stops in the middle of the float epoch
+    mid = tmp_path / "epoch=0-step=2.ckpt"
+    assert run(ckpt_path=mid) == [(0, False), (0, False)] + [(1, True)] * 4  # Lightning skips that epoch's start
+    with pytest.raises(ValueError, match="written in QuantizationAwareTraining's float epochs"):
+        load_quantized_checkpoint(UserCNN(), mid)
+    later = load_quantized_checkpoint(UserCNN(), tmp_path / "epoch=1-step=8.ckpt")  # a quantized epoch loads
+    assert is_quantized(later) and QuantConfig.from_dict(later.qsec_config).weight_bit_width == 4
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(4, 4, float_epochs=1)])
+    with pytest.warns(UserWarning, match="this checkpoint was written in the float epochs"):
+        trainer.test(UserCNN(), datamodule=DigitsDataModule(), ckpt_path=mid, verbose=False)
+
+
+def test_hooks_warn_when_no_epoch_after_the_float_epochs_would_measure():
+    sweep = PrecisionSweep([4], every_n_epochs=2)
+    with pytest.warns(UserWarning, match=r"will not measure during this fit \(max_epochs=3, QuantizationAwareTraining "
+                                         r"float_epochs=2\)"):
+        _fit(UserCNN(), [QuantizationAwareTraining(4, 4, float_epochs=2), sweep], epochs=3, limit_train_batches=2,
+             limit_val_batches=1)
+    assert sweep.history == []
+
+
+def test_input_bit_width_needs_the_first_layer_quantized():
+    from lightning_qsec import quantize_model
+
+    with pytest.raises(ValueError, match=r"input_bit_width=8 fixes the precision of the model input, but the first "
+                                         r"conv/linear layer 'conv1' is in skip="):
+        quantize_model(UserCNN(), weight_bit_width=4, act_bit_width=4, input_bit_width=8, skip=["conv1"])
+    net = quantize_model(UserCNN(), weight_bit_width=4, act_bit_width=4, input_bit_width=8)
+    marked = [n for n, m in net.named_modules() if getattr(m, "qsec_fixed_bit_width", False)]
+    assert marked == ["conv1.input_quant"]  # only the quantizer that sees the data is held fixed
+
+
+def test_random_precision_draws_nothing_in_the_float_epochs():
+    from lightning_qsec.defenses import RandomPrecisionTraining
+
+    rpt = RandomPrecisionTraining(bit_widths=(4, 8))
+    _fit(UserCNN(), [QuantizationAwareTraining(4, 4, float_epochs=1), rpt], epochs=2, limit_train_batches=3,
+         limit_val_batches=1)
+    assert sum(rpt.counts.values()) == 3  # the quantized epoch's steps only
 
 
 def test_bad_float_epochs():

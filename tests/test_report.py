@@ -496,6 +496,28 @@ def test_two_hooks_of_one_kind_get_their_own_sections(tmp_path: Path) -> None:
     assert any(p.name.startswith("precision_sweep_2_") for p in tmp_path.glob("*.png"))
 
 
+def test_report_records_the_recipe_including_a_users_subclass(tmp_path: Path) -> None:
+    from conftest import UserCNN, quiet_trainer
+
+    from lightning_qsec.callbacks import PrecisionSweep, QuantizationAwareTraining
+    from lightning_qsec.data import DigitsDataModule
+    from lightning_qsec.defenses import KurtosisRegularization
+
+    class MyKurtosis(KurtosisRegularization):  # defined outside the package
+        pass
+
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+        callbacks=[QuantizationAwareTraining(4, 4, input_bit_width=8, calibrate_batches=1), MyKurtosis(lam=0.1),
+                   PrecisionSweep([4]), SecurityReport(tmp_path)],
+    )
+    trainer.fit(UserCNN(), datamodule=DigitsDataModule())
+    metadata = json.loads((tmp_path / "report.json").read_text())["metadata"]
+    assert metadata["quantization"]["weight_bit_width"] == 4 and metadata["quantization"]["input_bit_width"] == 8
+    assert metadata["training"]["MyKurtosis"]["lam"] == 0.1
+    assert "  - MyKurtosis: `lam=0.1" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize("kind", ["line", "bar"])
 def test_many_series_stay_distinguishable(kind: str) -> None:
     from matplotlib.figure import Figure

@@ -12,7 +12,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_qsec._validation import check_positive_int
-from lightning_qsec.callbacks.qat import QuantizationAwareTraining
+from lightning_qsec.callbacks._epoch import checkpoint_epoch, last_started_epoch
+from lightning_qsec._float_phase import float_epochs, in_float_phase
 from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
 from lightning_qsec.quant.precision import at_precision
 from lightning_qsec.quant.spec import Precision
@@ -83,7 +84,7 @@ class EvaluationCallback(pl.Callback):
             return
         if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if any(isinstance(cb, QuantizationAwareTraining) and cb.in_float_phase(trainer) for cb in trainer.callbacks):
+        if in_float_phase(trainer):
             return  # QAT's float epochs: no quantized model to measure yet
         self._active = True
         switcher = next(
@@ -128,28 +129,32 @@ class EvaluationCallback(pl.Callback):
         self._end(trainer, pl_module, "test")
 
     def epoch(self, trainer: pl.Trainer) -> int:
-        """The epoch a result belongs to: ``trainer.current_epoch`` inside ``fit``; in
-        ``validate``/``test`` with ``ckpt_path=``, the ``epoch`` the loaded checkpoint
-        recorded (a fresh trainer's own epoch is 0)."""
-        if trainer.state.fn != TrainerFn.FITTING and self._checkpoint_epoch is not None:
+        """The 0-based epoch a result belongs to: ``trainer.current_epoch`` inside ``fit``;
+        in ``validate``/``test``, the last epoch the weights were trained in: that of the
+        checkpoint ``ckpt_path=`` loaded, else that of this trainer's ``fit`` (0 without one)."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            return int(trainer.current_epoch)
+        if self._checkpoint_epoch is not None:
             return self._checkpoint_epoch
-        return int(trainer.current_epoch)
+        return last_started_epoch(trainer)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        epoch = checkpoint.get("epoch")
-        self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
+        self._checkpoint_epoch = checkpoint_epoch(checkpoint)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._measured_in_stage = False
         self._checkpoint_epoch = None  # setup comes before this stage's checkpoint restore
-        max_epochs = trainer.max_epochs
-        short = max_epochs is not None and 0 < max_epochs < self.every_n_epochs
-        if stage == "fit" and "validate" in self.stages and short:
+        max_epochs, first = trainer.max_epochs, float_epochs(trainer)  # no measurement in QAT's float epochs
+        measures = max_epochs is None or max_epochs < 0 or any(
+            (epoch + 1) % self.every_n_epochs == 0 for epoch in range(first, max_epochs)
+        )
+        if stage == "fit" and "validate" in self.stages and max_epochs != 0 and not measures:
+            floats = f", QuantizationAwareTraining float_epochs={first}" if first else ""
             rank_zero_warn(
                 f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}) will not measure during this fit "
-                f"(max_epochs={max_epochs}); lower every_n_epochs or run trainer.validate()/test() afterwards"
+                f"(max_epochs={max_epochs}{floats}); lower every_n_epochs or run trainer.validate()/test() afterwards"
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

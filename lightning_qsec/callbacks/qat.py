@@ -9,13 +9,14 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelPruning
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.batch import BatchAdapter
 from lightning_qsec.callbacks._target import gathered_batches
 from lightning_qsec.distributed import broadcast_from_rank_zero
 from lightning_qsec.quant.calibration import calibrate
+from lightning_qsec.quant.checkpoint import FLOAT_PHASE_KEY
 from lightning_qsec.quant.config import QuantConfig
 from lightning_qsec.quant.convert import quantize_model
 from lightning_qsec.quant.inspect import stat_scalers
@@ -45,6 +46,10 @@ class QuantizationAwareTraining(pl.Callback):
     the float epochs; the user's own validation metrics there are the float model's.
     Under DDP the float epochs leave the scale parameters unused: use
     ``strategy="ddp_find_unused_parameters_true"`` (anything else is refused in ``setup``).
+    A checkpoint written in the float epochs holds no trained quantized model:
+    :func:`~lightning_qsec.quant.load_quantized_checkpoint` refuses it and
+    ``test(ckpt_path=...)`` warns (a ``ModelCheckpoint`` monitoring a validation metric
+    compares float and quantized epochs: monitor from a quantized epoch on, or keep the last).
     :class:`~lightning_qsec.defenses.FairQuantizationTraining` takes its frozen teacher
     when the float epochs end.
 
@@ -141,14 +146,19 @@ class QuantizationAwareTraining(pl.Callback):
         return trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch < self.float_epochs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.float_epochs:
+        if self.in_float_phase(trainer):  # also a resume in the middle of a float epoch, whose start
+            self._enter_float_phase(pl_module)  # Lightning does not call again
+        elif not self.float_epochs:
             self._calibrate(trainer, pl_module)
+
+    def _enter_float_phase(self, pl_module: pl.LightningModule) -> None:
+        if self._float_phase is None:
+            self._float_phase = ExitStack()
+            self._float_phase.enter_context(float_mode(pl_module))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.in_float_phase(trainer):
-            if self._float_phase is None:
-                self._float_phase = ExitStack()
-                self._float_phase.enter_context(float_mode(pl_module))
+            self._enter_float_phase(pl_module)
             return
         # the float epochs are over: quantized training starts here, calibrated on this epoch's
         # first batches (also when a resume starts at this epoch, so that it matches)
@@ -161,7 +171,13 @@ class QuantizationAwareTraining(pl.Callback):
             stack.close()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._leave_float_phase()  # a fit shorter than float_epochs still ends with quantization on
+        if self._float_phase is not None:  # a fit that ends inside its float epochs
+            rank_zero_warn(
+                f"QuantizationAwareTraining: fit ended in its float epochs (float_epochs={self.float_epochs}, "
+                f"{trainer.current_epoch} epoch(s) run): the model has quantized layers whose scales were never "
+                "calibrated nor trained; raise max_epochs above float_epochs"
+            )
+        self._leave_float_phase()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._leave_float_phase()
@@ -212,6 +228,19 @@ class QuantizationAwareTraining(pl.Callback):
         if isinstance(state, dict):
             for name, scaler in stat_scalers(pl_module):
                 state.setdefault(f"{name}.value", scaler.value.detach().clone())
+        if self.in_float_phase(trainer):  # not a quantized model yet: load_quantized_checkpoint refuses it
+            checkpoint[FLOAT_PHASE_KEY] = True
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if checkpoint.get(FLOAT_PHASE_KEY) and trainer.state.fn != TrainerFn.FITTING:
+            rank_zero_warn(
+                "QuantizationAwareTraining: this checkpoint was written in the float epochs (float_epochs="
+                f"{self.float_epochs}); its quantizers were never calibrated, so the quantized model it gives is "
+                "not a trained one: load a checkpoint of a quantized epoch (a monitored ModelCheckpoint compares "
+                "float and quantized epochs)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {

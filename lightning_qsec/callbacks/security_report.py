@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_qsec.callbacks._epoch import checkpoint_epoch
 from lightning_qsec.report.section import EvaluationHook, ReportSection
 from lightning_qsec.report.writer import write_report
 
@@ -36,8 +37,8 @@ class SecurityReport(pl.Callback):
     therefore come before ``SecurityReport`` in ``Trainer(callbacks=[...])``.
 
     The report's metadata records the stage, completed epochs, global step, the model
-    class, the epoch of the checkpoint a ``validate``/``test`` run loaded
-    (``checkpoint_epoch``, with ``ckpt_path=``), the model's quantization settings
+    class, the last epoch the weights of a ``validate``/``test(ckpt_path=...)`` run were
+    trained in (``checkpoint_epoch``, 0-based, as ``fit``'s validation labels it), the model's quantization settings
     (``quantization``: the :class:`~lightning_qsec.quant.QuantConfig` it was quantized
     with) and the settings of the package's hardening callbacks in the trainer
     (``training``: each one's ``config()`` under its ``state_key``).
@@ -101,8 +102,7 @@ class SecurityReport(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Remember the loaded checkpoint's epoch, for the metadata of a ``test(ckpt_path=...)`` report."""
-        epoch = checkpoint.get("epoch")
-        self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
+        self._checkpoint_epoch = checkpoint_epoch(checkpoint)
 
     def collect_sections(self, trainer: pl.Trainer) -> list[ReportSection]:
         """Ask every evaluation hook among ``trainer.callbacks`` for its section.
@@ -151,7 +151,8 @@ class SecurityReport(pl.Callback):
         recipe = {
             c.state_key: c.config()
             for c in trainer.callbacks
-            if type(c).__module__.startswith("lightning_qsec.") and callable(getattr(c, "config", None))
+            if any(k.__module__.startswith("lightning_qsec.") for k in type(c).__mro__)  # a user's subclass too
+            and callable(getattr(c, "config", None))
         }
         if recipe:  # the hardening callbacks' settings (AT eps, regularizer coefficients, fair QAT mode)
             metadata["training"] = recipe

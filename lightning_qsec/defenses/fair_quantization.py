@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from lightning_qsec._float_phase import in_float_phase
 from lightning_qsec.batch import BatchAdapter, adapter_or_default, describe_batch
 from lightning_qsec.defenses._regularizer import BatchRegularizer, CoefficientLike
 from lightning_qsec.quant.inspect import is_quantized
@@ -22,13 +23,6 @@ FairQATMode = Literal["balanced_distillation", "group_dro"]
 _MODES = ("balanced_distillation", "group_dro")
 FairQATTeacher = Literal["live", "frozen"]
 _TEACHERS = ("live", "frozen")
-
-
-def _float_phase(trainer: pl.Trainer | None) -> bool:
-    """Whether ``QuantizationAwareTraining(float_epochs=...)`` is still training the float model
-    (``None``: hooks called without a Trainer)."""
-    callbacks = [] if trainer is None else trainer.callbacks
-    return any(callable(getattr(cb, "in_float_phase", None)) and cb.in_float_phase(trainer) for cb in callbacks)
 
 
 def per_sample_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
@@ -312,7 +306,7 @@ class FairQuantizationTraining(BatchRegularizer):
                 "FairQuantizationTraining distils the quantized model from its float self and needs quantized "
                 "layers; add QuantizationAwareTraining to the callbacks, listed before FairQuantizationTraining"
             )
-        if self.teacher == "frozen" and self.teacher_params is None and not _float_phase(trainer):
+        if self.teacher == "frozen" and self.teacher_params is None and not in_float_phase(trainer):
             self._freeze_teacher(pl_module)  # not restored from a checkpoint: the float weights of now
         if self.teacher == "frozen" and self.teacher_params is not None:
             self.teacher_params = {k: v.to(pl_module.device) for k, v in self.teacher_params.items()}
@@ -334,12 +328,12 @@ class FairQuantizationTraining(BatchRegularizer):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.teacher == "frozen" and self.teacher_params is None and not _float_phase(trainer):
+        if self.teacher == "frozen" and self.teacher_params is None and not in_float_phase(trainer):
             self._freeze_teacher(pl_module)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor | None:
-        if _float_phase(trainer):
+        if in_float_phase(trainer):
             return None  # nothing to distil while QuantizationAwareTraining still trains the float model
         inputs, groups = held
         x, g = inputs.to(pl_module.device), groups.to(pl_module.device)

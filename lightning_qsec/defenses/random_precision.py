@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_qsec._float_phase import in_float_phase
 from lightning_qsec._validation import check_seed
 from lightning_qsec.defenses._regularizer import check_resumed_config
 from lightning_qsec.distributed import broadcast_from_rank_zero
@@ -176,6 +177,8 @@ class RandomPrecisionTraining(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._stack.close()
+        if in_float_phase(trainer):
+            return  # QuantizationAwareTraining(float_epochs=...) still trains the float model
         if self.current is None or batch_idx % trainer.accumulate_grad_batches == 0:
             index = int(torch.randint(len(self.precisions), (1,), generator=self.generator))
             self.current = self.precisions[index]
@@ -194,6 +197,8 @@ class RandomPrecisionTraining(pl.Callback):
     ) -> None:
         self._stack.close()
         used = self.current
+        if in_float_phase(trainer):
+            return
         if trainer.world_size > 1 and self.switchable_bn and used is not None and used != self._configured:
             # Each rank updated its own copy of this precision's statistics; keep rank 0's, as DDP
             # keeps rank 0's buffers for the statistics that live in the model.

@@ -66,6 +66,10 @@ def _model_state(state: Mapping[str, Any], prefix: str | None) -> tuple[dict[str
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
 
 
+FLOAT_PHASE_KEY = "qsec_float_phase"
+"""Set on a checkpoint written in ``QuantizationAwareTraining(float_epochs=...)``'s float epochs."""
+
+
 def load_quantized_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -94,12 +98,23 @@ def load_quantized_checkpoint(
     Returns:
         The quantized ``model`` with the checkpoint's weights, scales and bit widths, in eval mode.
 
+    Raises:
+        ValueError: a checkpoint that does not fit ``model`` (nothing is quantized then), one
+            written in ``QuantizationAwareTraining(float_epochs=...)``'s float epochs, or one
+            without quantization settings and no ``config=``.
+
     Example::
 
         model = load_quantized_checkpoint(MyLitModule(), "epoch=9.ckpt")  # a QAT checkpoint
     """
     require_float(model, "load_quantized_checkpoint quantizes a new float instance as the checkpoint records")
     checkpoint = safe_load(path, map_location=map_location)
+    if checkpoint.get(FLOAT_PHASE_KEY):
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} was written in QuantizationAwareTraining's float epochs "
+            "(float_epochs=...): its quantizers were never calibrated nor trained; load a checkpoint of a "
+            "quantized epoch (or load its weights into the float model with safe_load)"
+        )
     if config is None:
         config = find_quant_config(checkpoint)
     state = dict(checkpoint.get("state_dict", checkpoint))
@@ -120,10 +135,10 @@ def load_quantized_checkpoint(
         if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape
     ]
     if absent or shapes:
-        raise ValueError(
-            f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__}: missing keys {absent}, "
-            f"shapes differ (checkpoint vs model): {shapes}"
+        problems = ([f"missing keys {absent}"] if absent else []) + (
+            [f"shapes differ (checkpoint vs model): {shapes}"] if shapes else []
         )
+        raise ValueError(f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__}: {'; '.join(problems)}")
     quantize_model(model, **settings)
     result = model.load_state_dict(state, strict=False)
     # Brevitas omits an activation scale that never saw data (no statistics, no calibration):

@@ -236,6 +236,13 @@ def quantize_model(
     _check_globs(list(config.layer_bit_widths), names, "layer_bit_widths")
     _check_globs(list(config.skip), names, "skip")
     targets = [(n, m) for n, m in candidates if not _match(n, config.skip)]
+    first = next((n for n, m in candidates if type(m) in WEIGHT_LAYERS), None)
+    if config.input_bit_width is not None and first is not None and _match(first, config.skip):
+        raise ValueError(
+            f"input_bit_width={config.input_bit_width} fixes the precision of the model input, but the first "
+            f"conv/linear layer {first!r} is in skip=, so no quantizer sees the input; drop input_bit_width "
+            "or take that layer out of skip"
+        )
     if not any(type(m) in WEIGHT_LAYERS for _, m in targets):
         raise ValueError(
             "model has no quantizable layers: quantize_model swaps "
@@ -257,9 +264,8 @@ def quantize_model(
             input_bits = None
             if config.quantize_input and first_weight_layer:
                 input_bits = config.input_bit_width or bits_for(name, config.act_bit_width)
-            new = _weight_layer(
-                module, bits, input_bits, config.per_channel, fixed_input=config.input_bit_width is not None
-            )
+            fixed = input_bits is not None and config.input_bit_width is not None
+            new = _weight_layer(module, bits, input_bits, config.per_channel, fixed_input=fixed)
             first_weight_layer = False
         else:
             new = _activation(module, bits_for(name, config.act_bit_width))

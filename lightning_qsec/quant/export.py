@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_qsec._eval import eval_mode
 from lightning_qsec._validation import check_positive_int
-from lightning_qsec.quant.precision import require_quantized
+from lightning_qsec.quant.precision import bit_widths, require_quantized
 from lightning_qsec.report.atomic import replace_atomic
 
 __all__ = [
@@ -174,6 +174,12 @@ def export_onnx(
             raise ValueError(
                 f"opset_version must be >= 12 for QCDQ (>= 13 with per-channel weights, as here: "
                 f"{minimum == 13}), got {opset_version}"
+            )
+        wide = {name: bits for kind in bit_widths(model).values() for name, bits in kind.items() if bits > 8}
+        if wide:  # QuantizeLinear holds int8/uint8 only
+            raise ValueError(
+                f"format='qcdq' exports bit widths up to 8 (Brevitas' QCDQ export refuses more); these quantizers have "
+                f"more: {wide}; lower them (e.g. input_bit_width=8) or use format='qonnx'"
             )
     _require_modules("onnx", "onnxoptimizer", "onnxruntime", *(("qonnx",) if format == "qonnx" else ()))
     import onnx

@@ -62,7 +62,8 @@ def at_precision(
     Args:
         model: a model quantized by :func:`~lightning_qsec.quant.quantize_model`.
         weight_bit_width: bit width for every weight quantizer, 2..16; ``None`` keeps them.
-        act_bit_width: bit width for every activation/input quantizer, 2..16; ``None`` keeps them.
+        act_bit_width: bit width for every activation/input quantizer, 2..16, except a fixed
+            input width (``QuantConfig.input_bit_width``); ``None`` keeps them.
 
     Yields:
         ``model``.

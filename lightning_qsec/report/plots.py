@@ -104,7 +104,7 @@ def draw_plot(plot: Plot) -> bytes:
         if _finite(y):
             ax.axhline(
                 float(y),
-                linestyle=(0, (6, 2, 1, 2)),  # dash-dot-dot: unlike any series' style
+                linestyle=(0, (6, 2, 1, 2, 1, 2)),  # dash-dot-dot: unlike any series' style
                 linewidth=1.2,
                 color=f"C{(used + offset) % 10}",
                 label=str(name),
