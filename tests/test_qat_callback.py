@@ -383,6 +383,13 @@ def test_random_precision_draws_nothing_in_the_float_epochs():
     assert sum(rpt.counts.values()) == 3  # the quantized epoch's steps only
 
 
+def test_weight_averaging_that_starts_in_the_float_epochs_warns():
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)  # averages from epoch 1 (0-based)
+    with pytest.warns(UserWarning, match=r"starts averaging at epoch 1 \(0-based\), inside .*float_epochs=2"):
+        _fit(UserCNN(), [QuantizationAwareTraining(4, 4, float_epochs=2), swa], epochs=3, limit_train_batches=2,
+             limit_val_batches=1)
+
+
 def test_bad_float_epochs():
     with pytest.raises(ValueError, match="float_epochs"):
         QuantizationAwareTraining(4, 4, float_epochs=-1)

@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelPruning
+from pytorch_lightning.callbacks import ModelPruning, StochasticWeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
@@ -137,9 +137,23 @@ class QuantizationAwareTraining(pl.Callback):
                     "parameters unused, which DistributedDataParallel refuses unless it looks for them; use "
                     "strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))"
                 )
+        if stage == "fit" and self.float_epochs:
+            self._check_weight_averaging(trainer)
         quantize_model(pl_module, **self.config.to_dict())
         self._module = pl_module
         self._synced_scalers = set()
+
+    def _check_weight_averaging(self, trainer: pl.Trainer) -> None:
+        for swa in (c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)):
+            start = swa._swa_epoch_start  # an int epoch (1-based) or a fraction of max_epochs, as SWA reads it
+            if isinstance(start, float) and trainer.max_epochs is not None and trainer.max_epochs > 0:
+                start = int(trainer.max_epochs * start)
+            if isinstance(start, int) and max(start - 1, 0) < self.float_epochs:
+                rank_zero_warn(
+                    f"StochasticWeightAveraging starts averaging at epoch {max(start - 1, 0)} (0-based), inside "
+                    f"QuantizationAwareTraining's float epochs (float_epochs={self.float_epochs}): it would average "
+                    f"float-phase weights into the quantized model; set swa_epoch_start > {self.float_epochs}"
+                )
 
     def in_float_phase(self, trainer: pl.Trainer) -> bool:
         """Whether ``fit`` is in its first ``float_epochs`` epochs, training with quantization off."""
