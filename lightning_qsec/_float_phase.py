@@ -22,5 +22,5 @@ def in_float_phase(trainer: pl.Trainer | None) -> bool:
 
 def float_epochs(trainer: pl.Trainer) -> int:
     """The ``float_epochs`` of the trainer's ``QuantizationAwareTraining`` (0 without one)."""
-    return max((int(getattr(cb, "float_epochs", 0) or 0) for cb in trainer.callbacks if callable(
-        getattr(cb, "in_float_phase", None))), default=0)
+    qat = [cb for cb in trainer.callbacks if callable(getattr(cb, "in_float_phase", None))]
+    return max((int(getattr(cb, "float_epochs", 0)) for cb in qat), default=0)

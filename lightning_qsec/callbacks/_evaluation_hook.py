@@ -11,9 +11,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_qsec._float_phase import float_epochs, in_float_phase
 from lightning_qsec._validation import check_positive_int
 from lightning_qsec.callbacks._epoch import checkpoint_epoch, last_started_epoch
-from lightning_qsec._float_phase import float_epochs, in_float_phase
 from lightning_qsec.defenses.random_precision import RandomPrecisionTraining
 from lightning_qsec.quant.precision import at_precision
 from lightning_qsec.quant.spec import Precision

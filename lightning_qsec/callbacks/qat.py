@@ -129,21 +129,21 @@ class QuantizationAwareTraining(pl.Callback):
                 f"callbacks: {early} come before QuantizationAwareTraining and would prune the float "
                 "layers that QAT replaces; list QuantizationAwareTraining first"
             )
-        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)  # DDPStrategy's arguments to DistributedDataParallel
-        if stage == "fit" and self.float_epochs and isinstance(ddp_kwargs, dict):
-            if not ddp_kwargs.get("find_unused_parameters", False):
-                raise ValueError(
-                    f"float_epochs={self.float_epochs} under DDP: the float epochs leave the quantizers' scale "
-                    "parameters unused, which DistributedDataParallel refuses unless it looks for them; use "
-                    "strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))"
-                )
         if stage == "fit" and self.float_epochs:
-            self._check_weight_averaging(trainer)
+            self._check_float_epochs(trainer)
         quantize_model(pl_module, **self.config.to_dict())
         self._module = pl_module
         self._synced_scalers = set()
 
-    def _check_weight_averaging(self, trainer: pl.Trainer) -> None:
+    def _check_float_epochs(self, trainer: pl.Trainer) -> None:
+        """Refuse DDP that would not find the unused scales; warn of SWA starting in the float epochs."""
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)  # DDPStrategy's arguments to DistributedDataParallel
+        if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                f"float_epochs={self.float_epochs} under DDP: the float epochs leave the quantizers' scale "
+                "parameters unused, which DistributedDataParallel refuses unless it looks for them; use "
+                "strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))"
+            )
         for swa in (c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)):
             start = swa._swa_epoch_start  # an int epoch (1-based) or a fraction of max_epochs, as SWA reads it
             if isinstance(start, float) and trainer.max_epochs is not None and trainer.max_epochs > 0:

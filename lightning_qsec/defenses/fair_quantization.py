@@ -306,14 +306,15 @@ class FairQuantizationTraining(BatchRegularizer):
                 "FairQuantizationTraining distils the quantized model from its float self and needs quantized "
                 "layers; add QuantizationAwareTraining to the callbacks, listed before FairQuantizationTraining"
             )
-        if self.teacher == "frozen" and self.teacher_params is None and not in_float_phase(trainer):
-            self._freeze_teacher(pl_module)  # not restored from a checkpoint: the float weights of now
+        self._freeze_teacher(trainer, pl_module)
         if self.teacher == "frozen" and self.teacher_params is not None:
             self.teacher_params = {k: v.to(pl_module.device) for k, v in self.teacher_params.items()}
 
-    def _freeze_teacher(self, pl_module: pl.LightningModule) -> None:
-        """The float weights of now, before the first quantized step: the frozen teacher."""
-        self.teacher_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+    def _freeze_teacher(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        """With ``teacher="frozen"``, not restored from a checkpoint, and quantized training begun (before
+        its first step): take the float weights of now as the teacher."""
+        if self.teacher == "frozen" and self.teacher_params is None and not in_float_phase(trainer):
+            self.teacher_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
     def hold_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
         read = self._read(batch)
@@ -328,8 +329,7 @@ class FairQuantizationTraining(BatchRegularizer):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.teacher == "frozen" and self.teacher_params is None and not in_float_phase(trainer):
-            self._freeze_teacher(pl_module)
+        self._freeze_teacher(trainer, pl_module)  # the first batch after QAT's float epochs
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def batch_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> Tensor | None:
